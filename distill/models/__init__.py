@@ -1,0 +1,1 @@
+"""Teacher/student model layer: loading, pair checks, teacher-adapter fetch, checkpoints, export."""
