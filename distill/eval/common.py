@@ -1,0 +1,168 @@
+"""Shared helpers of the evaluation tools: errors, image loading, model loading, prompts, output.
+
+Nothing here knows about a particular benchmark; `compositional.py` and `vqa.py` build on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+DEFAULT_CAPTION_PROMPT = "Describe the image."
+
+
+class EvalDataError(ValueError):
+    """Bad evaluation input (missing file, malformed record, unknown layout); the message names
+    the file, the record and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageRef:
+    """Where the image of a record comes from: a file path, or encoded bytes (from a shard)."""
+
+    path: str | None = None
+    data: bytes | None = field(default=None, repr=False)
+    name: str = ""  # for error messages
+
+    def load(self):
+        """Open as an RGB PIL image; raises `EvalDataError` naming the file when it cannot."""
+        from PIL import Image, UnidentifiedImageError
+        import io
+
+        try:
+            if self.data is not None:
+                img = Image.open(io.BytesIO(self.data))
+            elif self.path is not None:
+                img = Image.open(self.path)
+            else:
+                raise EvalDataError(f"record {self.name!r} has no image")
+            return img.convert("RGB")
+        except FileNotFoundError:
+            raise EvalDataError(
+                f"image file {self.path!r} (record {self.name!r}) does not exist; pass the folder "
+                "that holds the images with --images ROOT"
+            ) from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise EvalDataError(f"cannot read image of record {self.name!r} ({self.path or 'shard bytes'}): {e}") from None
+
+
+def resolve_image(name: str, image_root: str | os.PathLike | None, data_dir: str | os.PathLike | None,
+                  record: str = "") -> ImageRef:
+    """Resolve an image reference of a record to a file.
+
+    Order: an absolute path as is; else relative to `image_root` when given; else relative to the
+    folder of the data file (`data_dir`), or to its ``images/`` subfolder when the file is there
+    (the layout of ``python -m data_prep synth``). The file is not opened here (that happens per batch).
+    """
+    if not isinstance(name, str) or not name:
+        raise EvalDataError(f"record {record!r} has no image file name (got {name!r})")
+    p = Path(name)
+    if not p.is_absolute():
+        if image_root is not None:
+            p = Path(image_root) / p
+        else:
+            base = Path(data_dir) if data_dir is not None else Path(".")
+            p = base / p if (base / p).exists() or not (base / "images" / p).exists() else base / "images" / p
+    return ImageRef(path=str(p), name=record)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise EvalDataError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_model_and_processor(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    """Load a stock HF LLaVA folder (via `distill.models`) for inference: eval mode, on `device`."""
+    from distill.models import load_processor, load_vlm
+
+    model = load_vlm(path, dtype=dtype)
+    model.eval()
+    model.to(torch.device(device) if device is not None else default_device())
+    return model, load_processor(path)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def image_token_id(model) -> int:
+    """The id of the image placeholder token, from the model config (never a hard-coded value)."""
+    tid = getattr(model.config, "image_token_id", None)
+    if tid is None:
+        tid = getattr(model.config, "image_token_index", None)
+    if tid is None:
+        raise EvalDataError("model config has no image_token_id; is this a LLaVA-style model?")
+    return int(tid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------
+def user_turn(text: str, with_image: bool = True) -> dict:
+    """One user message in the processor's structured chat format (image first, then text)."""
+    content: list[dict[str, Any]] = [{"type": "image"}] if with_image else []
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def render_chat(processor, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    """Render messages with the processor's chat template; a clear error when it has none."""
+    tmpl = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+    if not tmpl:
+        raise EvalDataError("the processor has no chat template; save one with the model (chat_template.jinja)")
+    return processor.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+def write_results(out_dir: str | os.PathLike | None, stem: str, results: dict, table: str) -> None:
+    """Write `<stem>.json` and `<stem>.md` under `out_dir` (created) when given."""
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / f"{stem}.md").write_text(table + "\n")
+
+
+def read_json_or_jsonl(path: str | os.PathLike) -> Any:
+    """A `.jsonl` file as a list of objects, anything else as one JSON document; errors name the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise EvalDataError(f"data file {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise EvalDataError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+        return rows
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EvalDataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None

@@ -1,0 +1,311 @@
+"""Compositional caption ranking (SugarCrepe-style): does the model prefer the true caption?
+
+Every caption of a sample (the positive and each hard negative) is scored by the model's mean token
+log-likelihood given the image (`distill.eval.scoring.score_captions`). Accounting:
+
+- overall: a sample is a hit when the positive scores strictly higher than every negative
+  (a tie is a miss);
+- per category: a sample counts once for each category among its negatives, and is a hit there when
+  the positive strictly beats every negative of that category.
+
+With one negative per sample (SugarCrepe) both reduce to the usual pairwise accuracy.
+
+Input layouts (`load_compositional`):
+
+- SugarCrepe: one JSON file per category (``swap_att.json`` ...), a dict keyed by id whose values
+  hold ``filename`` (image, relative to ``--images``), ``caption`` (positive) and ``negative_caption``;
+  the category is the file name without ``.json``. Pass files or the folder holding them.
+- our synthetic split (``python -m data_prep synth``): records
+  ``{"id", "image", "positive", "negatives": [{"caption", "category"}, ...]}`` as a JSON list,
+  JSONL, or WebDataset shards (``<key>.json`` record + ``<key>.<ext>`` image bytes per sample);
+  image paths are relative to ``--images`` when given, else to the data file's folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from distill.eval.common import DEFAULT_CAPTION_PROMPT, EvalDataError, ImageRef, read_json_or_jsonl, resolve_image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+@dataclass
+class CompoSample:
+    """One image with its positive caption and hard negatives (each with a category)."""
+
+    id: str
+    image: ImageRef
+    positive: str
+    negatives: list[tuple[str, str]] = field(default_factory=list)  # (caption, category)
+
+    @property
+    def captions(self) -> list[str]:
+        """Positive first, then the negatives in order."""
+        return [self.positive] + [c for c, _ in self.negatives]
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers
+# ----------------------------------------------------------------------------------------------
+def _need_str(rec: dict, key: str, where: str) -> str:
+    v = rec.get(key)
+    if not isinstance(v, str) or not v.strip():
+        raise EvalDataError(f"{where}: field {key!r} must be a non-empty string (got {v!r})")
+    return v
+
+
+def load_sugarcrepe(paths: Sequence[str | os.PathLike], image_root: str | os.PathLike | None = None) -> list[CompoSample]:
+    """Read SugarCrepe files (dict id -> {filename, caption, negative_caption}); category = file stem."""
+    samples = []
+    for path in paths:
+        path = Path(path)
+        data = read_json_or_jsonl(path)
+        if not isinstance(data, dict):
+            raise EvalDataError(f"{path}: a SugarCrepe file is a JSON object keyed by id, got {type(data).__name__}")
+        cat = path.stem
+        for key, rec in data.items():
+            where = f"{path} [{key}]"
+            if not isinstance(rec, dict):
+                raise EvalDataError(f"{where}: expected an object with filename/caption/negative_caption")
+            samples.append(CompoSample(
+                id=f"{cat}/{key}",
+                image=resolve_image(_need_str(rec, "filename", where), image_root, path.parent, f"{cat}/{key}"),
+                positive=_need_str(rec, "caption", where),
+                negatives=[(_need_str(rec, "negative_caption", where), cat)],
+            ))
+    return samples
+
+
+def _synthetic_sample(rec, where: str, image: ImageRef | None, image_root, data_dir) -> CompoSample:
+    if not isinstance(rec, dict):
+        raise EvalDataError(f"{where}: expected an object {{id, image, positive, negatives}}")
+    rid = str(rec.get("id", where))
+    negs = rec.get("negatives")
+    if not isinstance(negs, list) or not negs:
+        raise EvalDataError(f"{where}: 'negatives' must be a non-empty list of {{caption, category}}")
+    negatives = []
+    for i, n in enumerate(negs):
+        if not isinstance(n, dict):
+            raise EvalDataError(f"{where}: negatives[{i}] must be an object {{caption, category}}")
+        negatives.append((_need_str(n, "caption", f"{where} negatives[{i}]"), str(n.get("category") or "default")))
+    if image is None:
+        image = resolve_image(rec.get("image"), image_root, data_dir, rid)
+    return CompoSample(id=rid, image=image, positive=_need_str(rec, "positive", where), negatives=negatives)
+
+
+def _iter_tar(path: Path) -> Iterable[tuple[str, dict, bytes | None]]:
+    """(key, record, image bytes) per sample of a WebDataset shard (members grouped by key)."""
+    groups: dict[str, dict[str, bytes]] = defaultdict(dict)
+    order: list[str] = []
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = os.path.basename(m.name)
+                key, _, ext = base.partition(".")
+                key = os.path.join(os.path.dirname(m.name), key)
+                if key not in groups:
+                    order.append(key)
+                groups[key][ext.lower()] = tar.extractfile(m).read()
+    except tarfile.TarError as e:
+        raise EvalDataError(f"{path}: not a readable tar shard ({e})") from None
+    for key in order:
+        members = groups[key]
+        if "json" not in members:
+            raise EvalDataError(f"{path}: sample {key!r} has no .json member")
+        try:
+            rec = json.loads(members["json"])
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{path}: sample {key!r}: .json member is not valid JSON ({e.msg})") from None
+        img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        yield key, rec, img
+
+
+def load_synthetic(paths: Sequence[str | os.PathLike], image_root: str | os.PathLike | None = None) -> list[CompoSample]:
+    """Read our synthetic compositional split from JSON / JSONL files or WebDataset shards."""
+    samples = []
+    for path in paths:
+        path = Path(path)
+        if path.suffix == ".tar":
+            for key, rec, img in _iter_tar(path):
+                where = f"{path} [{key}]"
+                ref = ImageRef(data=img, name=str(rec.get("id", key)) if isinstance(rec, dict) else key) if img is not None else None
+                samples.append(_synthetic_sample(rec, where, ref, image_root, path.parent))
+            continue
+        data = read_json_or_jsonl(path)
+        if isinstance(data, dict) and isinstance(data.get("records"), list):
+            data = data["records"]
+        if not isinstance(data, list):
+            raise EvalDataError(f"{path}: expected a list of compositional records")
+        for i, rec in enumerate(data):
+            samples.append(_synthetic_sample(rec, f"{path} [#{i}]", None, image_root, path.parent))
+    return samples
+
+
+def _expand(data: Sequence[str]) -> list[Path]:
+    """Files named by `data`: files, globs, `{a..b}` ranges, folders (their *.tar shards, else their
+    *.json / *.jsonl files)."""
+    from braceexpand import braceexpand
+
+    out: list[Path] = []
+    for d in data:
+        for item in braceexpand(str(d)):
+            p = Path(item)
+            if p.is_dir():
+                found = sorted(f for f in p.iterdir() if f.suffix == ".tar")
+                if not found:  # no shards: the JSON files (not the shard bookkeeping files)
+                    found = sorted(f for f in p.iterdir() if f.suffix in (".json", ".jsonl")
+                                   and f.name not in ("manifest.json", "rejects.jsonl"))
+                if not found:
+                    raise EvalDataError(f"folder {str(p)!r} holds no .json, .jsonl or .tar files")
+                out.extend(found)
+            elif p.is_file():
+                out.append(p)
+            elif any(ch in item for ch in "*?["):
+                hits = sorted(Path(h) for h in glob.glob(item))
+                if not hits:
+                    raise EvalDataError(f"pattern {item!r} matches no file")
+                out.extend(hits)
+            else:
+                raise EvalDataError(f"data path {item!r} does not exist")
+    return out
+
+
+def detect_layout(path: Path) -> str:
+    """'sugarcrepe' or 'synthetic' for one data file (from its content; shards are synthetic)."""
+    if path.suffix == ".tar":
+        return "synthetic"
+    data = read_json_or_jsonl(path)
+    if isinstance(data, dict) and data and all(isinstance(v, dict) and "negative_caption" in v for v in data.values()):
+        return "sugarcrepe"
+    if isinstance(data, dict) and isinstance(data.get("records"), list):
+        data = data["records"]
+    if isinstance(data, list) and all(isinstance(r, dict) and "positive" in r and "negatives" in r for r in data):
+        return "synthetic"
+    raise EvalDataError(
+        f"{path}: unknown compositional layout; expected SugarCrepe (object id -> "
+        "{filename, caption, negative_caption}) or our synthetic records ({id, image, positive, negatives})"
+    )
+
+
+def load_compositional(data: Sequence[str] | str, image_root: str | os.PathLike | None = None,
+                       limit: int | None = None) -> list[CompoSample]:
+    """Load samples from any mix of SugarCrepe files and synthetic files/shards (see module doc)."""
+    if isinstance(data, (str, os.PathLike)):
+        data = [data]
+    samples: list[CompoSample] = []
+    for p in _expand(data):
+        loader = load_sugarcrepe if detect_layout(p) == "sugarcrepe" else load_synthetic
+        samples.extend(loader([p], image_root))
+        if limit is not None and len(samples) >= limit:
+            break
+    if not samples:
+        raise EvalDataError(f"no compositional samples found in {list(data)}")
+    return samples[:limit] if limit is not None else samples
+
+
+# ----------------------------------------------------------------------------------------------
+# Accounting
+# ----------------------------------------------------------------------------------------------
+def compositional_accuracy(samples: Sequence[CompoSample], scores: Sequence[torch.Tensor | Sequence[float]]) -> dict:
+    """Accuracy overall and per category from per-sample caption scores.
+
+    Args:
+        samples: S samples; scores: S vectors, scores[s] of length 1 + len(samples[s].negatives),
+            positive first (the order of `CompoSample.captions`).
+    Returns:
+        {"overall": {"hits", "total", "accuracy"}, "per_category": {category: {"hits", "total", "accuracy"}}}
+        (accuracy in [0, 1]; a tie between the positive and a negative is a miss).
+    """
+    if len(samples) != len(scores):
+        raise ValueError(f"{len(samples)} samples but {len(scores)} score vectors")
+    hits, total = 0, 0
+    cat_hits: dict[str, int] = defaultdict(int)
+    cat_total: dict[str, int] = defaultdict(int)
+    for smp, sc in zip(samples, scores):
+        sc = torch.as_tensor(sc, dtype=torch.float64).flatten()
+        if sc.numel() != 1 + len(smp.negatives):
+            raise ValueError(f"sample {smp.id!r}: {sc.numel()} scores for {1 + len(smp.negatives)} captions")
+        if not bool(torch.isfinite(sc).all()):
+            raise ValueError(f"sample {smp.id!r}: non-finite caption score {sc.tolist()}")
+        beats = sc[0] > sc[1:]  # strict: ties are misses
+        total += 1
+        hits += int(bool(beats.all()))
+        by_cat: dict[str, bool] = {}
+        for (_, cat), b in zip(smp.negatives, beats.tolist()):
+            by_cat[cat] = by_cat.get(cat, True) and b
+        for cat, ok in by_cat.items():
+            cat_total[cat] += 1
+            cat_hits[cat] += int(ok)
+
+    def entry(h, t):
+        return {"hits": h, "total": t, "accuracy": h / t if t else 0.0}
+
+    return {"overall": entry(hits, total),
+            "per_category": {c: entry(cat_hits[c], cat_total[c]) for c in sorted(cat_total)}}
+
+
+def markdown_table(results: dict, title: str = "accuracy") -> str:
+    """Markdown table of `compositional_accuracy` / `vqa_accuracy` style results."""
+    lines = [f"| category | n | {title} |", "|---|---:|---:|"]
+    for cat, e in results.get("per_category", {}).items():
+        lines.append(f"| {cat} | {e['total']} | {100 * e['accuracy']:.2f} |")
+    o = results["overall"]
+    lines.append(f"| **overall** | {o['total']} | {100 * o['accuracy']:.2f} |")
+    return "\n".join(lines)
+
+
+def evaluate_compositional(model, processor, samples: Sequence[CompoSample], *, batch_size: int = 8,
+                           prompt: str = DEFAULT_CAPTION_PROMPT, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Score every caption of every sample and compute `compositional_accuracy`.
+
+    Images are opened once per sample, batch by batch (never all at once). Pairs of several samples
+    share a batch of `batch_size` (image, caption) pairs.
+
+    Returns:
+        (results, per_sample) where per_sample[s] = {"id", "scores": [positive, negatives...],
+        "categories": [...], "hit": bool}.
+    """
+    from distill.eval.scoring import score_captions
+
+    pending_imgs, pending_caps, owners = [], [], []
+    sample_scores: list[list[float]] = [[] for _ in samples]
+
+    def flush(full_only: bool):
+        k = (len(pending_caps) // batch_size) * batch_size if full_only else len(pending_caps)
+        if k == 0:
+            return
+        sc = score_captions(model, processor, pending_imgs[:k], pending_caps[:k], prompt=prompt, batch_size=batch_size)
+        for o, v in zip(owners[:k], sc.tolist()):
+            sample_scores[o].append(v)
+        del pending_imgs[:k], pending_caps[:k], owners[:k]
+
+    it = samples
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(samples, desc="compositional", unit="sample")
+    for s, smp in enumerate(it):
+        img = smp.image.load()
+        for cap in smp.captions:
+            pending_imgs.append(img), pending_caps.append(cap), owners.append(s)
+        flush(full_only=True)
+    flush(full_only=False)
+    results = compositional_accuracy(samples, sample_scores)
+    per_sample = []
+    for smp, sc in zip(samples, sample_scores):
+        per_sample.append({"id": smp.id, "scores": sc, "categories": [c for _, c in smp.negatives],
+                           "hit": all(sc[0] > x for x in sc[1:])})
+    return results, per_sample
