@@ -2,5 +2,15 @@
 
 from distill.attention.kernels import BACKENDS, attention_with_lse, resolve_backend
 from distill.attention.visual import visual_attention_probs
+from distill.attention.capture import AttentionCapture, Recording, install, text_decoder_layers
 
-__all__ = ["BACKENDS", "attention_with_lse", "resolve_backend", "visual_attention_probs"]
+__all__ = [
+    "BACKENDS",
+    "AttentionCapture",
+    "Recording",
+    "attention_with_lse",
+    "install",
+    "resolve_backend",
+    "text_decoder_layers",
+    "visual_attention_probs",
+]

@@ -1,0 +1,320 @@
+"""Fused attention for HF text models, with exact visual-attention capture on chosen layers.
+
+``install(model, backend)`` registers ``distill_<backend>`` with transformers'
+``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (the mask
+function) and points the text model's config at it.  Every layer then runs a fused kernel from
+:mod:`distill.attention.kernels`; that is all a layer does unless it is being captured.
+
+``AttentionCapture(model, layers)`` adds a forward pre-hook on the chosen decoder layers.  Inside
+``with cap.record(vis_pos, valid) as rec:`` the hook passes a small capture token down the
+layer's kwargs (HF forwards ``**kwargs`` from the decoder layer to the attention function).  The
+attention function then also forms the visual block ``P`` with
+:func:`distill.attention.visual_attention_probs` from the kernel's LSE, averages heads and hands
+the ``[B, n, n]`` map to the token.
+
+Activation checkpointing (non-reentrant): HF checkpoints ``partial(forward, layer, **kwargs)``, so
+the recompute in backward receives the *same* token, runs the same ops (the checkpoint's
+saved-tensor bookkeeping needs that) and the token ignores the second delivery: nothing is
+collected twice, and it works even if the record context has already closed.
+
+Masks: with no padding, or right padding and no KV cache, the mask function returns ``None`` and
+a dense causal kernel is used; valid rows never see pad keys, so this is exact for them (pad rows
+are masked out of every loss).  Anything else (left padding, packed sequences, sliding windows,
+a KV cache with padding) gets an explicit 4D boolean mask and goes through PyTorch SDPA; capture
+refuses that case with a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    causal_mask_function,
+    flash_attention_mask,
+    sdpa_mask,
+)
+
+from distill.attention.kernels import BACKENDS, _expand_kv, attention_with_lse
+from distill.attention.visual import visual_attention_probs
+
+__all__ = ["AttentionCapture", "Recording", "install", "text_decoder_layers", "implementation_name"]
+
+_TOKEN_KEY = "distill_capture"
+_PREFIX = "distill_"
+
+
+def implementation_name(backend: str) -> str:
+    """The name registered with transformers for ``backend`` (``"auto"`` included)."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    return _PREFIX + backend
+
+
+# ----------------------------------------------------------------------------- capture token
+
+
+@dataclass
+class _Session:
+    vis_pos: torch.Tensor  # (B, n) long
+    valid: torch.Tensor | None  # (B,) bool
+    maps: dict = field(default_factory=dict)  # layer_idx -> (B, n, n)
+
+
+class _Token:
+    """Travels in a decoder layer's kwargs; a checkpoint recompute gets the same object."""
+
+    __slots__ = ("session", "layer_idx", "chunk_size", "delivered")
+
+    def __init__(self, session: _Session, layer_idx: int, chunk_size: int | None):
+        self.session = session
+        self.layer_idx = layer_idx
+        self.chunk_size = chunk_size
+        self.delivered = False
+
+    def deliver(self, head_mean: torch.Tensor) -> None:
+        if not self.delivered:  # a checkpoint recompute runs the same ops but never collects again
+            self.session.maps[self.layer_idx] = head_mean
+            self.delivered = True
+
+
+# ----------------------------------------------------------------------------- registered functions
+
+
+def _fused_mask(
+    batch_size,
+    q_length,
+    kv_length,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=causal_mask_function,
+    attention_mask=None,
+    **kwargs,
+):
+    """``None`` when a dense causal kernel is exact for valid rows, else a 4D bool mask."""
+    if mask_function is causal_mask_function and q_length == kv_length and q_offset == 0 and kv_offset == 0:
+        mask2d = flash_attention_mask(
+            batch_size, q_length, kv_length, attention_mask=attention_mask, mask_function=mask_function
+        )
+        if mask2d is None:
+            return None
+        if mask2d.shape[1] == kv_length and not bool((mask2d[:, 1:] & ~mask2d[:, :-1]).any()):
+            return None  # right padding: valid rows never see pad keys under causal attention
+    kwargs.pop("allow_is_causal_skip", None)
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        **kwargs,
+    )
+
+
+def _masked_sdpa(module, query, key, value, mask, scaling):
+    """General path: explicit boolean mask [B|1, 1, Tq, Tk] through PyTorch SDPA."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = _expand_kv(key, groups), _expand_kv(value, groups)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask > -1  # additive float mask: 0 keeps, large negative drops
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+def _fused_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    *,
+    backend: str = "auto",
+    **kwargs,
+):
+    """HF attention function: q [B,Hq,T,D], k/v [B,Hk,T,D] -> (out [B,T,Hq,D], None)."""
+    token = kwargs.get(_TOKEN_KEY)
+    if dropout and module.training:
+        raise ValueError(
+            f"attention dropout {dropout} is not supported by the fused capture path; set attention_dropout=0"
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None or q_len != kv_len:
+        if token is not None:
+            raise ValueError(
+                "attention capture needs right-padded (or unpadded) batches without a KV cache, packing or "
+                "sliding windows; this forward got an explicit mask. Right-pad the batch."
+            )
+        mask = attention_mask
+        if mask is None:  # KV cache without padding: bottom-right causal
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        return _masked_sdpa(module, query, key, value, mask, scaling), None
+
+    out, lse = attention_with_lse(query, key, value, scale=scaling, causal=True, backend=backend)
+    if token is not None:
+        vis_pos = token.session.vis_pos
+        if vis_pos.shape[1] > 0 and int(vis_pos.shape[0]) != query.shape[0]:
+            raise ValueError(f"vis_pos has batch {vis_pos.shape[0]} but the forward has batch {query.shape[0]}")
+        probs = visual_attention_probs(query, key, lse, vis_pos, scaling, chunk_size=token.chunk_size)
+        token.deliver(probs.mean(dim=1))  # (B, n, n): heads averaged inside, per-head maps are freed
+    return out, None
+
+
+_REGISTERED: set[str] = set()
+
+
+def _register(backend: str) -> str:
+    name = implementation_name(backend)
+    if name not in _REGISTERED:
+        AttentionInterface.register(name, partial(_fused_attention, backend=backend))
+        AttentionMaskInterface.register(name, _fused_mask)
+        _REGISTERED.add(name)
+    return name
+
+
+# ----------------------------------------------------------------------------- model helpers
+
+
+def _text_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (module with ``.layers`` and ``.config``) of a LLaVA or causal LM."""
+    candidates = []
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        with contextlib.suppress(Exception):
+            candidates.append(get_decoder())
+    candidates += [
+        getattr(getattr(model, "model", None), "language_model", None),
+        getattr(model, "language_model", None),
+        getattr(model, "model", None),
+        model,
+    ]
+    for cand in candidates:
+        layers = getattr(cand, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn"):
+            return cand
+    raise ValueError(
+        f"could not find the text decoder layers of {type(model).__name__}; expected a LLaVA-style model "
+        "or a causal LM with `.model.layers[i].self_attn`"
+    )
+
+
+def text_decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The text model's decoder layers (``layers[i].self_attn.layer_idx == i``)."""
+    return _text_model(model).layers
+
+
+def install(model: torch.nn.Module, backend: str = "auto") -> str:
+    """Run the model's text attention through the fused kernels (capture-ready).
+
+    Returns the registered implementation name set on the text model's config.  The vision tower
+    keeps its own attention implementation.
+    """
+    name = _register(backend)
+    text = _text_model(model)
+    text.config._attn_implementation = name
+    return name
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+class Recording:
+    """What one ``record()`` collected. ``maps`` is ``[L, B, n, n]`` in the capture's layer order."""
+
+    def __init__(self, session: _Session, layers: list[int]):
+        self._session = session
+        self.layers = list(layers)
+        self.vis_pos = session.vis_pos
+        self.valid = session.valid
+
+    @property
+    def maps(self) -> torch.Tensor:
+        missing = [i for i in self.layers if i not in self._session.maps]
+        if missing:
+            raise RuntimeError(
+                f"no visual attention was captured for layer(s) {missing}: did the forward run inside record(), "
+                "and was install(model) called so the fused attention function is used?"
+            )
+        return torch.stack([self._session.maps[i] for i in self.layers])
+
+
+class AttentionCapture:
+    """Capture head-averaged visual attention of chosen text layers.
+
+    Args:
+        model: LLaVA-style model or causal LM (the module itself, not a DeepSpeed engine; the
+            engine's ``.module`` works too).  ``install(model)`` must have been called.
+        layers: text layer indices to capture, in the order ``rec.maps`` returns them.
+        chunk_size: visual query rows per backward strip (see ``visual_attention_probs``).
+
+    Usage::
+
+        cap = AttentionCapture(model, [1, 2])
+        with cap.record(vis_pos, valid) as rec:   # vis_pos [B,n] long, valid [B] bool
+            out = model(**batch)
+        maps = rec.maps                           # [L, B, n, n]
+    """
+
+    def __init__(self, model: torch.nn.Module, layers, chunk_size: int | None = None):
+        self.model = model
+        self.text = _text_model(model)
+        depth = len(self.text.layers)
+        layers = [int(i) for i in layers]
+        bad = [i for i in layers if not 0 <= i < depth]
+        if bad or len(set(layers)) != len(layers):
+            raise ValueError(f"capture layers {layers} must be distinct indices in [0, {depth})")
+        self.layers = layers
+        self.chunk_size = chunk_size
+        self._session: _Session | None = None
+        self._handles = []
+        for i in layers:
+            layer = self.text.layers[i]
+            idx = getattr(layer.self_attn, "layer_idx", i)
+            self._handles.append(layer.register_forward_pre_hook(partial(self._pre_hook, idx), with_kwargs=True))
+        self._layer_ids = [getattr(self.text.layers[i].self_attn, "layer_idx", i) for i in layers]
+
+    def _pre_hook(self, layer_idx, module, args, kwargs):
+        if self._session is None:
+            return None
+        kwargs[_TOKEN_KEY] = _Token(self._session, layer_idx, self.chunk_size)
+        return args, kwargs
+
+    @contextlib.contextmanager
+    def record(self, vis_pos: torch.Tensor, valid: torch.Tensor | None = None):
+        """Collect maps of the forwards run inside the block (the last forward wins per layer)."""
+        impl = getattr(self.text.config, "_attn_implementation", None)
+        if not (isinstance(impl, str) and impl.startswith(_PREFIX)):
+            raise RuntimeError(
+                f"the text model uses attention implementation {impl!r}; call distill.attention.install(model) "
+                "before capturing"
+            )
+        if self._session is not None:
+            raise RuntimeError("record() is already active on this AttentionCapture")
+        if vis_pos.dim() != 2:
+            raise ValueError(f"vis_pos must be [B, n], got shape {tuple(vis_pos.shape)}")
+        if valid is not None and (valid.dim() != 1 or valid.shape[0] != vis_pos.shape[0]):
+            raise ValueError(f"valid must be [B]={vis_pos.shape[0]} bool, got shape {tuple(valid.shape)}")
+        session = _Session(vis_pos=vis_pos.long(), valid=None if valid is None else valid.bool())
+        self._session = session
+        try:
+            yield Recording(session, self._layer_ids)
+        finally:
+            self._session = None
+
+    def remove(self) -> None:
+        """Remove the hooks (the model keeps the fused attention)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
