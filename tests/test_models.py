@@ -71,3 +71,183 @@ def test_tiny_pair_shapes(tiny_models):
     with torch.no_grad():
         assert teacher(**batch).logits.shape[-1] == teacher.config.text_config.vocab_size
         assert student(**batch).logits.shape[-1] == len(tok)
+
+
+# ----------------------------------------------------------------------------- loading & pair checks
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from distill.models import (  # noqa: E402
+    FetchedProjector,
+    ModelConfigError,
+    build_student,
+    build_teacher,
+    check_pair,
+    load_processor,
+    load_student_checkpoint,
+    load_vlm,
+    save_student_checkpoint,
+)
+
+CONFIG_ONLY = ["config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"]
+
+
+def _config_copy(src, dst, edit=None):
+    """Copy a folder without weights (check_pair is config-only) and edit its config dict."""
+    dst.mkdir(parents=True)
+    for name in CONFIG_ONLY:
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+    if edit is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _batch(folder, text="What colour is the star?"):
+    proc = load_processor(folder)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    img = Image.fromarray((np.random.RandomState(1).rand(52, 64, 3) * 255).astype("uint8"))
+    return proc(images=[img], text=[prompt], return_tensors="pt")
+
+
+def test_check_pair_ok(tiny_models):
+    info = check_pair(tiny_models.student, tiny_models.teacher, adapter_fetch=True)
+    assert info["num_image_tokens"] == 64
+    assert info["vocab_size"] == info["student_vocab_rows"] < info["teacher_vocab_rows"]
+
+
+def test_missing_and_bad_folders(tiny_models, tmp_path):
+    with pytest.raises(ModelConfigError, match="does not exist"):
+        load_vlm(tmp_path / "nope")
+    with pytest.raises(ModelConfigError, match="does not exist"):
+        check_pair(tmp_path / "nope", tiny_models.teacher)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelConfigError, match="no config.json"):
+        build_teacher(tmp_path / "empty")
+    bert = _config_copy(tiny_models.student, tmp_path / "bert", lambda c: c.update(model_type="bert"))
+    with pytest.raises(ModelConfigError, match="not LLaVA-style"):
+        check_pair(bert, tiny_models.teacher)
+    noweights = _config_copy(tiny_models.student, tmp_path / "noweights")
+    with pytest.raises(ModelConfigError, match="no usable safetensors"):
+        load_vlm(noweights)
+    with pytest.raises(ModelConfigError, match="needs teacher_path"):
+        build_student(tiny_models.student)
+
+
+def test_check_pair_vocab_mismatch(tiny_models, tmp_path):
+    # student embedding smaller than the shared tokenizer
+    def shrink(c):
+        c["text_config"]["vocab_size"] = 1000
+
+    small = _config_copy(tiny_models.student, tmp_path / "small", shrink)
+    with pytest.raises(ModelConfigError, match="embedding table has 1000 rows"):
+        check_pair(small, tiny_models.teacher)
+    # a different tokenizer
+    other = _config_copy(tiny_models.student, tmp_path / "othertok")
+    tiny.build_tokenizer(vocab_size=900).save_pretrained(other)
+    with pytest.raises(ModelConfigError, match="tokenizers differ"):
+        check_pair(other, tiny_models.teacher)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c.update(image_token_index=2), "image_token_id differs"),
+        (lambda c: c.update(vision_feature_select_strategy="default"), "image tokens per image differ"),
+        (lambda c: c["vision_config"].update(image_size=96), "image size|resizes"),
+    ],
+)
+def test_check_pair_image_mismatch(tiny_models, tmp_path, edit, match):
+    bad = _config_copy(tiny_models.student, tmp_path / "bad", edit)
+    if "vision_feature_select_strategy" in str(json.loads((bad / "config.json").read_text())):
+        proc = json.loads((bad / "processor_config.json").read_text())
+        proc["vision_feature_select_strategy"] = json.loads((bad / "config.json").read_text())[
+            "vision_feature_select_strategy"
+        ]
+        (bad / "processor_config.json").write_text(json.dumps(proc))
+    with pytest.raises(ModelConfigError, match=match):
+        check_pair(bad, tiny_models.teacher)
+
+
+def test_teacher_projector_not_fetchable(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    for name, mutate, match in [
+        ("noproj", lambda sd: {k: v for k, v in sd.items() if "multi_modal_projector" not in k}, "cannot fetch"),
+        (
+            "badshape",
+            lambda sd: {k: (v[:-1] if k.endswith("multi_modal_projector.linear_2.weight") else v) for k, v in sd.items()},
+            "has shape",
+        ),
+    ]:
+        t = tmp_path / name
+        shutil.copytree(tiny_models.teacher, t)
+        sd = load_file(t / "model.safetensors")
+        save_file(mutate(sd), t / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ModelConfigError, match=match):
+            build_student(tiny_models.student, t)
+
+
+# ----------------------------------------------------------------------------- build & checkpoints
+
+
+def test_build_teacher_and_student(tiny_models):
+    teacher = build_teacher(tiny_models.teacher)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    student = build_student(tiny_models.student, tiny_models.teacher)
+    proj = student.model.multi_modal_projector
+    assert isinstance(proj, FetchedProjector) and student.training
+    assert not any(p.requires_grad for p in proj.teacher_projector.parameters())
+    assert all(p.requires_grad for n, p in student.named_parameters() if "teacher_projector" not in n)
+    # the frozen copy equals the teacher's projector
+    for name in ("linear_1", "linear_2"):
+        torch.testing.assert_close(
+            getattr(proj.teacher_projector, name).weight, getattr(teacher.model.multi_modal_projector, name).weight, rtol=0, atol=0
+        )
+    # Ht == Hs: the adapter starts as the identity, so the student sees the teacher's image embeddings
+    feats = torch.randn(2, 5, 32)
+    torch.testing.assert_close(proj(feats), teacher.model.multi_modal_projector(feats))
+    # gradients reach the adapter but not the frozen copy
+    batch = _batch(tiny_models.student)
+    out = student(**batch, labels=batch["input_ids"])
+    out.loss.backward()
+    assert proj.adapter.weight.grad is not None and proj.adapter.weight.grad.abs().sum() > 0
+    assert proj.teacher_projector.linear_1.weight.grad is None
+
+
+def test_student_checkpoint_round_trip(tiny_models, tmp_path):
+    student = build_student(tiny_models.student, tiny_models.teacher)
+    with torch.no_grad():  # a trained-looking adapter (not the identity)
+        student.model.multi_modal_projector.adapter.weight.add_(0.1 * torch.randn(64, 64))
+        student.model.multi_modal_projector.adapter.bias.normal_()
+    student.eval()
+    batch = _batch(tiny_models.student)
+    with torch.no_grad():
+        ref = student(**batch).logits
+    save_student_checkpoint(tmp_path / "ck", student, load_processor(tiny_models.student))
+
+    back = load_student_checkpoint(tmp_path / "ck")
+    assert isinstance(back.model.multi_modal_projector, FetchedProjector) and back.training
+    assert not any(p.requires_grad for p in back.model.multi_modal_projector.teacher_projector.parameters())
+    sd, sd2 = student.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        torch.testing.assert_close(sd[k], sd2[k], rtol=0, atol=0)
+
+    # a stage may start from the checkpoint; folded (adapter_fetch=False) gives the same function
+    again = build_student(tmp_path / "ck", tiny_models.teacher).eval()
+    folded = build_student(tmp_path / "ck", tiny_models.teacher, adapter_fetch=False).eval()
+    assert not isinstance(folded.model.multi_modal_projector, FetchedProjector)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, ref, rtol=0, atol=0)
+        assert (folded(**batch).logits - ref).abs().max() < 1e-4
+    bf16 = load_student_checkpoint(tmp_path / "ck", dtype="bf16")
+    assert bf16.model.multi_modal_projector.adapter.weight.dtype == torch.bfloat16

@@ -1,1 +1,22 @@
-"""Teacher/student model layer: loading, pair checks, teacher-adapter fetch, checkpoints, export."""
+"""Teacher/student model layer: loading, pair checks, teacher-adapter fetch, checkpoints, export.
+
+See docs/INTERFACES.md ("Models"). All user-facing failures raise :class:`ModelConfigError`.
+"""
+
+from .build import build_student, build_teacher, load_student_checkpoint, save_student_checkpoint
+from .loading import ModelConfigError, check_pair, is_student_checkpoint, load_processor, load_vlm
+from .projector import FetchedProjector, fold_projector
+
+__all__ = [
+    "FetchedProjector",
+    "ModelConfigError",
+    "build_student",
+    "build_teacher",
+    "check_pair",
+    "fold_projector",
+    "is_student_checkpoint",
+    "load_processor",
+    "load_student_checkpoint",
+    "load_vlm",
+    "save_student_checkpoint",
+]

@@ -1,0 +1,331 @@
+"""Build the frozen teacher and the trainable student; student checkpoints in training form.
+
+Works in a plain process and under an alive DeepSpeed ZeRO-3 ``HfDeepSpeedConfig``: then
+transformers loads partitioned (``zero.Init``), new modules are created under ``zero.Init`` too
+and fetched weights are written under ``GatheredParameters(..., modifier_rank=0)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .loading import (
+    CHECKPOINT_META,
+    ModelConfigError,
+    _dtype,
+    _folder,
+    check_fetch_shapes,
+    check_pair,
+    is_student_checkpoint,
+    load_llava_config,
+    load_vlm,
+    vision_feature_width,
+    weight_files,
+)
+from .projector import FetchedProjector, fold_projector, init_adapter_, read_projector_weights, validate_teacher_projector
+
+CHECKPOINT_FORMAT = "distill.student_checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 helpers
+
+
+def _zero3() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+@contextlib.contextmanager
+def _new_params(dtype: torch.dtype):
+    """Context for creating new modules: ``zero.Init`` (partitioned, ``dtype``) under ZeRO-3."""
+    if _zero3():
+        import deepspeed
+        from transformers.integrations.deepspeed import deepspeed_config
+
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(), dtype=dtype):
+            yield
+    else:
+        yield
+
+
+def _write(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Copy tensors into (possibly ZeRO-3 partitioned) parameters."""
+    params = [p for p, _ in pairs]
+    ctx = contextlib.nullcontext()
+    if _zero3():
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    with ctx, torch.no_grad():
+        for p, t in pairs:
+            if tuple(p.shape) != tuple(t.shape):
+                raise ModelConfigError(f"internal: cannot copy a {tuple(t.shape)} tensor into a {tuple(p.shape)} parameter")
+            p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+
+def _projector_home(model) -> nn.Module:
+    """The module that owns ``multi_modal_projector`` (``LlavaModel`` inside the LM head wrapper)."""
+    model = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "multi_modal_projector"):
+        return inner
+    if hasattr(model, "multi_modal_projector"):
+        return model
+    raise ModelConfigError(f"{type(model).__name__} has no multi_modal_projector: not a LLaVA model.")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _install_fetched(model, spec: dict, weights: dict, dtype: torch.dtype, init_adapter: bool) -> FetchedProjector:
+    """Replace the student's projector by a ``FetchedProjector`` holding ``weights``."""
+    home = _projector_home(model)
+    device = _device_of(home.multi_modal_projector)
+    with _new_params(dtype):
+        proj = FetchedProjector(spec["in_features"], spec["teacher_hidden"], spec["student_hidden"], spec["act"], spec["bias"])
+    if not _zero3():
+        proj = proj.to(device=device, dtype=dtype)
+    tp = proj.teacher_projector
+    pairs = [(tp.linear_1.weight, weights["linear_1.weight"]), (tp.linear_2.weight, weights["linear_2.weight"])]
+    if spec["bias"]:
+        pairs += [(tp.linear_1.bias, weights["linear_1.bias"]), (tp.linear_2.bias, weights["linear_2.bias"])]
+    if init_adapter:
+        if _zero3():
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(proj.adapter.parameters()), modifier_rank=0):
+                init_adapter_(proj.adapter)
+        else:
+            init_adapter_(proj.adapter)
+    else:
+        pairs.append((proj.adapter.weight, weights["adapter.weight"]))
+        if spec["bias"]:
+            pairs.append((proj.adapter.bias, weights["adapter.bias"]))
+    _write(pairs)
+    proj.teacher_projector.requires_grad_(False)
+    home.multi_modal_projector = proj
+    return proj
+
+
+def _install_folded(model, spec: dict, weights: dict, dtype: torch.dtype) -> nn.Module:
+    """Replace the projector by a stock one equal to the folded fetched projector."""
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    folded = fold_projector(weights, spec["act"], spec["student_hidden"])
+    cfg = getattr(model, "module", model).config
+    cfg.projector_hidden_act = spec["act"]
+    cfg.multimodal_projector_bias = "linear_1.bias" in folded
+    home = _projector_home(model)
+    device = _device_of(home.multi_modal_projector)
+    with _new_params(dtype):
+        proj = LlavaMultiModalProjector(cfg)
+    if not _zero3():
+        proj = proj.to(device=device, dtype=dtype)
+    pairs = [(proj.linear_1.weight, folded["linear_1.weight"]), (proj.linear_2.weight, folded["linear_2.weight"])]
+    if cfg.multimodal_projector_bias:
+        pairs += [(proj.linear_1.bias, folded["linear_1.bias"]), (proj.linear_2.bias, folded["linear_2.bias"])]
+    _write(pairs)
+    home.multi_modal_projector = proj
+    return proj
+
+
+def teacher_projector_spec(student_cfg, teacher_cfg) -> dict:
+    """Shapes/settings of the ``FetchedProjector`` for a student/teacher config pair."""
+    check_fetch_shapes(student_cfg, teacher_cfg)
+    return {
+        "in_features": vision_feature_width(teacher_cfg),
+        "teacher_hidden": int(teacher_cfg.text_config.hidden_size),
+        "student_hidden": int(student_cfg.text_config.hidden_size),
+        "act": teacher_cfg.projector_hidden_act,
+        "bias": bool(teacher_cfg.multimodal_projector_bias),
+    }
+
+
+# ----------------------------------------------------------------------------- public builders
+
+
+def build_teacher(path: str | os.PathLike, dtype=torch.float32, attn_implementation: str | None = None):
+    """Load the teacher: ``LlavaForConditionalGeneration``, all parameters frozen, ``eval()``."""
+    model = load_vlm(path, dtype=dtype, attn_implementation=attn_implementation, role="teacher")
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def build_student(
+    path: str | os.PathLike,
+    teacher_path: str | os.PathLike | None = None,
+    adapter_fetch: bool = True,
+    dtype=torch.float32,
+    attn_implementation: str | None = None,
+):
+    """Load the trainable student (``train()`` mode), optionally with the teacher's projector fetched.
+
+    Args:
+        path: a stock HF LLaVA folder or a student checkpoint (``save_student_checkpoint``).
+        teacher_path: the teacher folder; required for ``adapter_fetch`` from a stock folder and,
+            when given, checked against the student with :func:`check_pair`.
+        adapter_fetch: replace ``model.model.multi_modal_projector`` by a
+            :class:`FetchedProjector` (teacher projector read from ``teacher_path``'s safetensors,
+            frozen, + trainable ``adapter``). For a checkpoint folder the stored projector is
+            kept when True; when False a stored fetched projector is folded into a stock one.
+        dtype: parameter dtype (``torch.dtype`` or "fp32"/"bf16"/"fp16").
+
+    All errors (bad folder, incompatible pair, teacher projector missing or misshapen) are
+    :class:`ModelConfigError` raised before any weights of the student are loaded.
+    """
+    dtype = _dtype(dtype)
+    p = _folder(path, "student")
+    if teacher_path is not None:
+        check_pair(p, teacher_path, adapter_fetch=adapter_fetch and not is_student_checkpoint(p))
+    if is_student_checkpoint(p):
+        model = load_student_checkpoint(p, dtype=dtype, attn_implementation=attn_implementation, adapter_fetch=adapter_fetch)
+        model.train()
+        return model
+
+    if adapter_fetch:
+        if teacher_path is None:
+            raise ModelConfigError(
+                f"build_student({str(p)!r}): adapter_fetch=True needs teacher_path (the teacher folder whose "
+                "projector is fetched). Pass teacher_path, or set adapter_fetch: false."
+            )
+        scfg, tcfg = load_llava_config(p, "student"), load_llava_config(teacher_path, "teacher")
+        spec = teacher_projector_spec(scfg, tcfg)
+        weights = read_projector_weights(teacher_path, "teacher")
+        validate_teacher_projector(weights, spec["in_features"], spec["teacher_hidden"], spec["bias"])
+    model = load_vlm(p, dtype=dtype, attn_implementation=attn_implementation, role="student")
+    if adapter_fetch:
+        _install_fetched(model, spec, weights, dtype, init_adapter=True)
+    model.train()
+    return model
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / CHECKPOINT_META).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelConfigError(f"checkpoint {str(path)!r}: unreadable {CHECKPOINT_META} ({exc}).") from exc
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+        raise ModelConfigError(
+            f"checkpoint {str(path)!r}: {CHECKPOINT_META} has format {meta.get('format')!r} version "
+            f"{meta.get('version')!r}; this code reads {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}."
+        )
+    return meta
+
+
+def save_student_checkpoint(out_dir: str | os.PathLike, model, processor, state_dict: dict | None = None) -> Path | None:
+    """Write the consolidated student in training form (adapter unfolded) + processor.
+
+    ``state_dict`` is the consolidated (e.g. DeepSpeed 16-bit) state dict when given, else
+    ``model.state_dict()``. Under ``torch.distributed`` only global rank 0 writes (other ranks
+    return None), so it may be called on every rank. The folder loads with
+    :func:`load_student_checkpoint` / :func:`build_student` and exports with ``distill.export``.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    module = getattr(model, "module", model)
+    proj = _projector_home(module).multi_modal_projector
+    projector = {"kind": "fetched", **proj.spec()} if isinstance(proj, FetchedProjector) else {"kind": "stock"}
+    if state_dict is None:
+        state_dict = module.state_dict()
+    if not state_dict:
+        raise ModelConfigError(
+            "save_student_checkpoint got an empty state dict (under ZeRO-3 pass the consolidated 16-bit "
+            "state dict from global rank 0)."
+        )
+    module.save_pretrained(out, state_dict=state_dict)
+    processor.save_pretrained(out)
+    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "projector": projector}
+    (out / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+@contextlib.contextmanager
+def _expect_fetched_keys():
+    """Let ``from_pretrained`` expect the fetched projector's keys instead of the stock ones.
+
+    Temporarily extends the class-level ignore patterns of ``LlavaForConditionalGeneration`` (read
+    by ``post_init``) so loading a training-form checkpoint logs no spurious missing/unexpected
+    keys; the stock projector it builds is replaced right after.
+    """
+    from transformers import LlavaForConditionalGeneration as cls
+
+    saved = {k: cls.__dict__.get(k) for k in ("_keys_to_ignore_on_load_unexpected", "_keys_to_ignore_on_load_missing")}
+    cls._keys_to_ignore_on_load_unexpected = list(saved["_keys_to_ignore_on_load_unexpected"] or []) + [
+        r"multi_modal_projector\.(teacher_projector|adapter)\."
+    ]
+    cls._keys_to_ignore_on_load_missing = list(saved["_keys_to_ignore_on_load_missing"] or []) + [
+        r"multi_modal_projector\.linear_[12]\."
+    ]
+    try:
+        yield cls
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                delattr(cls, k)
+            else:
+                setattr(cls, k, v)
+
+
+def load_student_checkpoint(
+    path: str | os.PathLike,
+    dtype=torch.float32,
+    attn_implementation: str | None = None,
+    adapter_fetch: bool = True,
+):
+    """Read a folder written by :func:`save_student_checkpoint` (training form).
+
+    A stored fetched projector comes back as a :class:`FetchedProjector` (``adapter_fetch``
+    True) or folded into a stock projector (``adapter_fetch`` False). Returns the model in
+    ``train()`` mode with the teacher-projector copy frozen.
+    """
+    dtype = _dtype(dtype)
+    p = _folder(path, "checkpoint")
+    if not is_student_checkpoint(p):
+        raise ModelConfigError(
+            f"{str(p)!r} is not a student checkpoint (no {CHECKPOINT_META}); use build_student / load_vlm "
+            "for stock Hugging Face folders."
+        )
+    meta = _read_meta(p)
+    load_llava_config(p, "checkpoint")
+    weight_files(p, "checkpoint")
+    spec = meta["projector"]
+    if spec.get("kind") == "stock":
+        model = load_vlm(p, dtype=dtype, attn_implementation=attn_implementation, role="checkpoint")
+        model.train()
+        return model
+    if spec.get("kind") != "fetched":
+        raise ModelConfigError(f"checkpoint {str(p)!r}: unknown projector kind {spec.get('kind')!r} in {CHECKPOINT_META}.")
+    weights = read_projector_weights(p, "checkpoint")
+    validate_teacher_projector(weights, spec["in_features"], spec["teacher_hidden"], spec["bias"], role="checkpoint")
+    if "adapter.weight" not in weights or tuple(weights["adapter.weight"].shape) != (spec["student_hidden"], spec["teacher_hidden"]):
+        raise ModelConfigError(f"checkpoint {str(p)!r}: adapter weights missing or misshapen; the checkpoint is incomplete.")
+    kwargs = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with _expect_fetched_keys() as cls:
+        model = cls.from_pretrained(p, **kwargs)
+    if adapter_fetch:
+        _install_fetched(model, spec, weights, dtype, init_adapter=False)
+    else:
+        _install_folded(model, spec, weights, dtype)
+    model.train()
+    return model

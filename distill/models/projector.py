@@ -1,0 +1,200 @@
+"""Teacher-adapter fetch: the student's projector = frozen teacher projector + trainable Linear.
+
+``FetchedProjector(x) = adapter(linear_2(act(linear_1(x))))`` where ``linear_1``/``linear_2``
+are a frozen copy of the teacher's LLaVA projector and ``adapter`` maps the teacher's text
+width ``Ht`` to the student's ``Hs``. Because it ends in two linear maps it folds exactly into
+one stock ``LlavaMultiModalProjector`` (:func:`fold_projector`) when ``Ht <= Hs``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .loading import ModelConfigError, weight_files
+
+_PROJ_KEY = re.compile(r"(?:^|\.)multi_modal_projector\.(?:(teacher_projector)\.)?(linear_1|linear_2)\.(weight|bias)$")
+_ADAPTER_KEY = re.compile(r"(?:^|\.)multi_modal_projector\.adapter\.(weight|bias)$")
+
+
+class TeacherProjector(nn.Module):
+    """Same computation and parameter names as transformers' ``LlavaMultiModalProjector``.
+
+    x ``[..., V]`` -> ``linear_2(act(linear_1(x)))`` ``[..., Ht]``.
+    """
+
+    def __init__(self, in_features: int, hidden: int, act: str = "gelu", bias: bool = True):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        if act not in ACT2FN:
+            raise ModelConfigError(f"Unknown projector activation {act!r}; transformers knows {sorted(ACT2FN)}.")
+        self.act_name = act
+        self.linear_1 = nn.Linear(in_features, hidden, bias=bias)
+        self.act = ACT2FN[act]
+        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class FetchedProjector(nn.Module):
+    """Frozen teacher projector followed by a trainable ``Linear(Ht, Hs)`` adapter.
+
+    Args:
+        in_features: vision feature width ``V`` (vision hidden x number of feature layers).
+        teacher_hidden: teacher text width ``Ht`` (output of the teacher projector).
+        student_hidden: student text width ``Hs``.
+        act: activation name of the teacher projector (``config.projector_hidden_act``).
+        bias: whether the projector linears (and the adapter) have biases.
+
+    Forward: image features ``[N, P, V]`` -> ``[N, P, Hs]``.
+    """
+
+    def __init__(self, in_features: int, teacher_hidden: int, student_hidden: int, act: str = "gelu", bias: bool = True):
+        super().__init__()
+        self.teacher_projector = TeacherProjector(in_features, teacher_hidden, act, bias)
+        self.adapter = nn.Linear(teacher_hidden, student_hidden, bias=bias)
+        self.teacher_projector.requires_grad_(False)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.teacher_projector(image_features))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher_projector.train(False)  # frozen copy: always eval
+        return self
+
+    def spec(self) -> dict:
+        """Shapes and settings, as stored in a student checkpoint's metadata."""
+        lin1, adapter = self.teacher_projector.linear_1, self.adapter
+        return {
+            "in_features": lin1.in_features if not hasattr(lin1.weight, "ds_shape") else int(lin1.weight.ds_shape[1]),
+            "teacher_hidden": _out_features(lin1),
+            "student_hidden": _out_features(adapter),
+            "act": self.teacher_projector.act_name,
+            "bias": lin1.bias is not None,
+        }
+
+
+def _out_features(lin: nn.Linear) -> int:
+    w = lin.weight
+    return int(w.ds_shape[0]) if hasattr(w, "ds_shape") else int(w.shape[0])
+
+
+def read_projector_weights(path: str | Path, role: str = "teacher") -> dict[str, torch.Tensor]:
+    """Read a folder's projector tensors straight from its safetensors files (no model load).
+
+    Returns a dict with ``linear_1.weight``, ``linear_2.weight`` (+ ``.bias``) and, for a student
+    checkpoint holding a fetched projector, ``adapter.weight`` (+ ``.bias``). Keys are matched
+    by suffix, so both the legacy (``multi_modal_projector.*``) and the current
+    (``model.multi_modal_projector.*``) layouts work.
+    """
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    for f in weight_files(path, role):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                m = _PROJ_KEY.search(key)
+                if m:
+                    found[f"{m.group(2)}.{m.group(3)}"] = fh.get_tensor(key)
+                    continue
+                m = _ADAPTER_KEY.search(key)
+                if m:
+                    found[f"adapter.{m.group(1)}"] = fh.get_tensor(key)
+    for need in ("linear_1.weight", "linear_2.weight"):
+        if need not in found:
+            raise ModelConfigError(
+                f"{role} folder {str(path)!r}: cannot fetch its projector: no '*multi_modal_projector.{need}' "
+                "tensor in its safetensors files. The folder must hold a LLaVA projector (linear_1, act, "
+                "linear_2); otherwise train with adapter_fetch: false."
+            )
+    return found
+
+
+def validate_teacher_projector(weights: dict, in_features: int, teacher_hidden: int, bias: bool, role: str = "teacher"):
+    """Check fetched tensors against the shapes the teacher config promises."""
+    expect = {
+        "linear_1.weight": (teacher_hidden, in_features),
+        "linear_2.weight": (teacher_hidden, teacher_hidden),
+    }
+    if bias:
+        expect.update({"linear_1.bias": (teacher_hidden,), "linear_2.bias": (teacher_hidden,)})
+    for key, shape in expect.items():
+        got = tuple(weights[key].shape) if key in weights else None
+        if got != shape:
+            raise ModelConfigError(
+                f"{role} projector tensor {key} has shape {got}, expected {shape} from its config "
+                f"(vision features {in_features} -> text hidden {teacher_hidden}, bias={bias}). The "
+                "folder's weights and config.json disagree; re-save the teacher with save_pretrained."
+            )
+
+
+def init_adapter_(adapter: nn.Linear, seed: int = 0) -> None:
+    """Identity when square; otherwise a (seeded) semi-orthogonal map, so norms are preserved."""
+    out_f, in_f = adapter.weight.shape
+    with torch.no_grad():
+        if out_f == in_f:
+            w = torch.eye(out_f)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            q, _ = torch.linalg.qr(torch.randn(max(out_f, in_f), min(out_f, in_f), generator=g))
+            w = q if out_f >= in_f else q.T
+        adapter.weight.copy_(w.to(adapter.weight.dtype))
+        if adapter.bias is not None:
+            adapter.bias.zero_()
+
+
+def fold_projector(weights: dict[str, torch.Tensor], act: str, student_hidden: int) -> dict[str, torch.Tensor]:
+    """Fold teacher projector + adapter into stock ``LlavaMultiModalProjector`` tensors.
+
+    Fetched: ``y = P (W2 act(W1 x + b1) + b2) + p`` with W1 ``[Ht,V]``, W2 ``[Ht,Ht]``, P ``[Hs,Ht]``.
+    Stock (intermediate width = ``Hs``): ``linear_2' = P W2`` and ``b2' = P b2 + p``; when
+    ``Ht < Hs`` linear_1 gets ``Hs - Ht`` zero rows (bias 0), whose units stay ``act(0) = 0``,
+    and ``linear_2'`` zero columns. Computed in fp32; returns fp32 ``linear_{1,2}.{weight,bias}``.
+
+    Raises :class:`ModelConfigError` when ``Ht > Hs`` (not representable by the stock class) or
+    when padding is needed but ``act(0) != 0``.
+    """
+    from transformers.activations import ACT2FN
+
+    w1 = weights["linear_1.weight"].float()
+    w2 = weights["linear_2.weight"].float()
+    pw = weights["adapter.weight"].float()
+    ht, v = w1.shape
+    hs = pw.shape[0]
+    if hs != student_hidden or pw.shape[1] != ht:
+        raise ModelConfigError(f"adapter weight has shape {tuple(pw.shape)}, expected ({student_hidden}, {ht}).")
+    if ht > hs:
+        raise ModelConfigError(
+            f"Cannot fold the fetched projector into a stock LLaVA projector: the teacher's projector is "
+            f"{ht} wide but transformers' LlavaMultiModalProjector of a student with text hidden size {hs} "
+            f"has an intermediate width of {hs} < {ht}, so the fold (linear_2' = P.W2) has no exact stock "
+            "form. Options: train with `adapter_fetch: false` (the student keeps its own projector), or "
+            "use a student whose text hidden size is at least the teacher's."
+        )
+    if ht < hs:
+        zero = torch.zeros(1)
+        if float(ACT2FN[act](zero).abs().max()) != 0.0:
+            raise ModelConfigError(
+                f"Cannot fold the fetched projector: it must be zero-padded from {ht} to {hs} units, which "
+                f"is exact only when act(0) = 0, but projector_hidden_act={act!r} gives "
+                f"{float(ACT2FN[act](zero))}. Train with `adapter_fetch: false` or a student as wide as the teacher."
+            )
+    b1 = weights.get("linear_1.bias")
+    b2 = weights.get("linear_2.bias")
+    pb = weights.get("adapter.bias")
+    out = {"linear_1.weight": torch.zeros(hs, v), "linear_2.weight": torch.zeros(hs, hs)}
+    out["linear_1.weight"][:ht] = w1
+    out["linear_2.weight"][:, :ht] = pw @ w2
+    if b1 is not None or b2 is not None or pb is not None:
+        out["linear_1.bias"] = torch.zeros(hs)
+        if b1 is not None:
+            out["linear_1.bias"][:ht] = b1.float()
+        b2f = pw @ b2.float() if b2 is not None else torch.zeros(hs)
+        out["linear_2.bias"] = b2f + (pb.float() if pb is not None else 0.0)
+    return out
