@@ -1,0 +1,315 @@
+"""Evaluation: caption scoring against HF's own loss, compositional accounting, readers, VQA, CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from distill.eval import (
+    CompoSample,
+    EvalDataError,
+    ImageRef,
+    build_caption_batch,
+    compositional_accuracy,
+    evaluate_compositional,
+    evaluate_vqa,
+    generate_answers,
+    load_compositional,
+    load_sugarcrepe,
+    load_vqa,
+    normalize_answer,
+    score_captions,
+    token_logprobs,
+    vqa_accuracy,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SUGARCREPE = FIXTURES / "sugarcrepe"
+
+
+@pytest.fixture(scope="module")
+def student(tiny_models):
+    from distill.models import load_processor, load_vlm
+
+    model = load_vlm(tiny_models.student).eval()
+    return model, load_processor(tiny_models.student)
+
+
+def _images(tmp_path, n=3):
+    paths = []
+    for i in range(n):
+        img = Image.new("RGB", (20 + 7 * i, 30), ((80 * i) % 256, 200 - 50 * i, 40 + 60 * i))
+        p = tmp_path / f"img{i}.png"
+        img.save(p)
+        paths.append(p)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring
+# ----------------------------------------------------------------------------------------------
+def test_caption_mask_covers_exactly_the_caption(student, tmp_path):
+    model, proc = student
+    imgs = [Image.open(p).convert("RGB") for p in _images(tmp_path, 2)]
+    caps = ["a red square above a blue circle", "green"]
+    batch, mask = build_caption_batch(proc, imgs, caps, model.config.image_token_id)
+    assert mask.shape == batch["input_ids"].shape
+    for b, cap in enumerate(caps):
+        assert proc.tokenizer.decode(batch["input_ids"][b][mask[b]]).strip() == cap
+        # every caption token is a real (non-pad) token after all image tokens
+        pos = mask[b].nonzero().flatten()
+        img_pos = (batch["input_ids"][b] == model.config.image_token_id).nonzero().flatten()
+        assert len(img_pos) > 0 and pos.min() > img_pos.max()
+        assert batch["attention_mask"][b][pos].all()
+
+
+def test_score_captions_equals_hf_loss_and_is_batch_invariant(student, tmp_path):
+    """Mean caption log-likelihood == -HF cross-entropy with labels only on the caption tokens."""
+    model, proc = student
+    imgs = [Image.open(p).convert("RGB") for p in _images(tmp_path, 3)]
+    caps = ["a red square", "a blue circle to the left of a green star", "yellow"]
+    batched = score_captions(model, proc, imgs, caps, batch_size=3)
+    single = score_captions(model, proc, imgs, caps, batch_size=1)
+    assert batched.shape == (3,) and batched.dtype == torch.float32
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+    batch, mask = build_caption_batch(proc, imgs, caps, model.config.image_token_id)
+    summed = score_captions(model, proc, imgs, caps, reduction="sum")
+    for b in range(3):
+        labels = torch.full_like(batch["input_ids"][b:b + 1], -100)
+        labels[mask[b:b + 1]] = batch["input_ids"][b:b + 1][mask[b:b + 1]]
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"][b:b + 1], attention_mask=batch["attention_mask"][b:b + 1],
+                        pixel_values=batch["pixel_values"][b:b + 1], labels=labels)
+        torch.testing.assert_close(batched[b], -out.loss.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(summed[b], batched[b] * mask[b].sum(), rtol=1e-5, atol=1e-4)
+    # the image matters: the same caption with another image scores differently
+    other = score_captions(model, proc, [imgs[1]], caps[:1])
+    assert not torch.allclose(other, batched[:1])
+
+
+def test_token_logprobs_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, dtype=torch.bfloat16)
+    ids = torch.randint(0, 7, (2, 5))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 2:4] = True
+    mask[1, 4] = True
+    out = token_logprobs(logits, ids, mask)
+    ref = torch.zeros(2, 5)
+    for b, t in mask.nonzero().tolist():
+        ref[b, t] = torch.log_softmax(logits[b, t - 1].float(), -1)[ids[b, t]]
+    torch.testing.assert_close(out, ref)
+    assert out.dtype == torch.float32
+    with pytest.raises(ValueError, match="first token"):
+        token_logprobs(logits, ids, torch.ones(2, 5, dtype=torch.bool))
+
+
+def test_empty_caption_and_mismatched_lengths_are_rejected(student, tmp_path):
+    model, proc = student
+    img = Image.open(_images(tmp_path, 1)[0]).convert("RGB")
+    with pytest.raises(EvalDataError, match="empty caption"):
+        score_captions(model, proc, [img], ["  "])
+    with pytest.raises(EvalDataError, match="one image per caption"):
+        score_captions(model, proc, [img], ["a", "b"])
+
+
+# ----------------------------------------------------------------------------------------------
+# compositional accounting
+# ----------------------------------------------------------------------------------------------
+def _sample(i, cats):
+    return CompoSample(id=str(i), image=ImageRef(path="x"), positive="p", negatives=[(f"n{j}", c) for j, c in enumerate(cats)])
+
+
+def test_accuracy_ties_are_misses_and_per_category():
+    samples = [_sample(0, ["a", "b"]), _sample(1, ["a", "b"]), _sample(2, ["a", "a", "b"]), _sample(3, ["b"])]
+    scores = [
+        [1.0, 0.5, 0.2],       # beats both -> hit; a hit, b hit
+        [1.0, 1.0, 0.2],       # tie with the 'a' negative -> miss overall; a miss, b hit
+        [1.0, 0.1, 2.0, 0.0],  # loses to one of two 'a' negatives -> miss; a miss (counted once), b hit
+        [-3.0, -3.0],          # exact tie -> miss
+    ]
+    r = compositional_accuracy(samples, scores)
+    assert r["overall"] == {"hits": 1, "total": 4, "accuracy": 0.25}
+    assert r["per_category"]["a"] == {"hits": 1, "total": 3, "accuracy": pytest.approx(1 / 3)}
+    assert r["per_category"]["b"] == {"hits": 3, "total": 4, "accuracy": 0.75}
+    with pytest.raises(ValueError, match="scores for"):
+        compositional_accuracy(samples[:1], [[1.0, 0.0]])
+    with pytest.raises(ValueError, match="non-finite"):
+        compositional_accuracy(samples[3:], [[float("nan"), 0.0]])
+
+
+def test_real_model_prefers_positive_gets_100_percent(student, tmp_path):
+    """Positives are the captions the real tiny model scores highest for their image: 100%;
+    swapping in the lowest-scoring one as positive: 0%. Exercises batching across samples."""
+    model, proc = student
+    paths = _images(tmp_path, 3)
+    pool = ["a red square", "a blue circle", "a green star above a red square", "two yellow triangles", "purple"]
+    ranked = []
+    for p in paths:
+        img = Image.open(p).convert("RGB")
+        sc = score_captions(model, proc, [img] * len(pool), pool)
+        assert len(set(sc.tolist())) == len(pool)  # no ties among the candidates
+        ranked.append([pool[i] for i in sc.argsort(descending=True).tolist()])
+    cats = ["swap_att", "replace_rel", "swap_att", "replace_obj"]
+    best = [CompoSample(id=str(i), image=ImageRef(path=str(p)), positive=r[0], negatives=list(zip(r[1:], cats)))
+            for i, (p, r) in enumerate(zip(paths, ranked))]
+    res, per = evaluate_compositional(model, proc, best, batch_size=4, progress=False)
+    assert res["overall"] == {"hits": 3, "total": 3, "accuracy": 1.0}
+    assert set(res["per_category"]) == {"swap_att", "replace_rel", "replace_obj"}
+    assert all(e["accuracy"] == 1.0 and e["total"] == 3 for e in res["per_category"].values())
+    assert [len(row["scores"]) for row in per] == [5, 5, 5] and all(row["hit"] for row in per)
+    worst = [CompoSample(id=str(i), image=ImageRef(path=str(p)), positive=r[-1], negatives=list(zip(r[:-1], cats)))
+             for i, (p, r) in enumerate(zip(paths, ranked))]
+    res, _ = evaluate_compositional(model, proc, worst, batch_size=3, progress=False)
+    assert res["overall"]["accuracy"] == 0.0
+    # identical negative -> tie -> miss, with real scores
+    tie = [CompoSample(id="t", image=ImageRef(path=str(paths[0])), positive=ranked[0][0],
+                       negatives=[(ranked[0][0], "dup"), (ranked[0][-1], "other")])]
+    res, _ = evaluate_compositional(model, proc, tie, progress=False)
+    assert res["overall"]["hits"] == 0 and res["per_category"]["dup"]["hits"] == 0
+    assert res["per_category"]["other"]["hits"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# readers
+# ----------------------------------------------------------------------------------------------
+def test_sugarcrepe_reader_fixture():
+    samples = load_compositional([str(SUGARCREPE)], image_root=SUGARCREPE / "images")
+    assert sorted(s.id for s in samples) == ["replace_rel/0", "swap_att/0", "swap_att/1"]
+    s = next(s for s in samples if s.id == "swap_att/1")
+    assert s.positive == "A blue ball next to a small box."
+    assert s.negatives == [("A small ball next to a blue box.", "swap_att")]
+    assert s.image.load().size == (32, 24)
+    only = load_sugarcrepe([SUGARCREPE / "replace_rel.json"], SUGARCREPE / "images")
+    assert len(only) == 1 and only[0].negatives[0][1] == "replace_rel"
+    assert len(load_compositional([str(SUGARCREPE)], SUGARCREPE / "images", limit=2)) == 2
+
+
+def test_missing_image_and_bad_records_have_clear_errors(tmp_path):
+    samples = load_sugarcrepe([SUGARCREPE / "swap_att.json"], image_root=tmp_path)  # wrong root
+    with pytest.raises(EvalDataError, match="--images"):
+        samples[0].image.load()
+    bad = tmp_path / "swap_obj.json"
+    bad.write_text(json.dumps({"7": {"filename": "x.png", "caption": "a cat"}}))
+    with pytest.raises(EvalDataError, match=r"swap_obj.json \[7\].*negative_caption|unknown compositional layout"):
+        load_compositional([str(bad)])
+    with pytest.raises(EvalDataError, match="does not exist"):
+        load_compositional([str(tmp_path / "nope.json")])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"foo": 1}]))
+    with pytest.raises(EvalDataError, match="unknown compositional layout"):
+        load_compositional([str(other)])
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from data_prep.synth import make_synthetic
+
+    out = tmp_path_factory.mktemp("synth")
+    make_synthetic(str(out), num=8, seed=0, num_test=3, progress=False)
+    return out
+
+
+def test_synthetic_split_json_and_shards_agree(synth):
+    from_json = load_compositional([str(synth / "compositional" / "data.json")])
+    from_shards = load_compositional([str(synth / "compositional" / "shards")])
+    assert len(from_json) == len(from_shards) == 3
+    for a, b in zip(from_json, from_shards):
+        assert (a.id, a.positive, a.negatives) == (b.id, b.positive, b.negatives)
+        assert {c for _, c in a.negatives} == {"swap_att", "swap_obj", "replace_rel", "replace_att"}
+        assert a.image.load().tobytes() == b.image.load().tobytes()
+
+
+def test_vqa_reader_instruct_split(synth):
+    rows = json.loads((synth / "instruct" / "data.json").read_text())
+    samples = load_vqa([str(synth / "instruct" / "data.json")])
+    assert len(samples) == len(rows) == 8
+    for s, r in zip(samples, rows):
+        human = next(t["value"] for t in r["conversations"] if t["from"] == "human")
+        gpt = next(t["value"] for t in r["conversations"] if t["from"] == "gpt")
+        assert s.question == human.replace("<image>", "").strip() and s.answers == [gpt]
+        assert (s.image is None) == ("image" not in r)
+    shards = load_vqa([str(synth / "instruct" / "shards")])
+    assert [(s.id, s.question, s.answers) for s in shards] == [(s.id, s.question, s.answers) for s in samples]
+
+
+# ----------------------------------------------------------------------------------------------
+# VQA
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw,norm", [
+    ("The Two dogs.", "2 dogs"), ("  a RED cube!! ", "red cube"), ("3.5", "3.5"), ("1,000", "1000"),
+    ("It's an apple", "its apple"), ("twenty-one", "20 1"), ("Yes", "yes"), ("left_of", "left of"),
+])
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_vqa_accuracy_logic():
+    r = vqa_accuracy(["Two.", "blue", "the cat", "no"], [["2"], ["red", "Blue"], ["dog"], ["No!"]],
+                     ["count", "color", "obj", "yn"])
+    assert r["overall"] == {"hits": 3, "total": 4, "accuracy": 0.75}
+    assert r["per_category"]["obj"]["hits"] == 0 and r["per_category"]["count"]["hits"] == 1
+
+
+def test_llava_question_file_with_answers_file(tmp_path):
+    paths = _images(tmp_path, 2)
+    q = tmp_path / "questions.jsonl"
+    q.write_text("\n".join(json.dumps(r) for r in [
+        {"question_id": 1, "image": paths[0].name, "text": "What colour?"},
+        {"question_id": "b", "image": paths[1].name, "text": "<image>\nHow many?"},
+    ]))
+    a = tmp_path / "answers.jsonl"
+    a.write_text(json.dumps({"question_id": 1, "answer": "red"}) + "\n" + json.dumps({"question_id": "b", "answers": ["2", "two"]}))
+    samples = load_vqa([str(q)], answers=a)
+    assert [(s.id, s.question, s.answers) for s in samples] == [("1", "What colour?", ["red"]), ("b", "How many?", ["2", "two"])]
+    assert samples[1].image.load().size == (27, 30)
+    with pytest.raises(EvalDataError, match="no reference answer"):
+        load_vqa([str(q)])
+    a.write_text(json.dumps({"question_id": 1, "answer": "red"}))
+    with pytest.raises(EvalDataError, match="question_id 'b' has no entry"):
+        load_vqa([str(q)], answers=a)
+
+
+def test_generate_answers_batched_equals_single_and_scores(student, tmp_path):
+    model, proc = student
+    paths = _images(tmp_path, 3)
+    imgs = [Image.open(p).convert("RGB") for p in paths]
+    qs = ["What color is the square?", "How many shapes are there in the picture?", "Is it red?"]
+    batched = generate_answers(model, proc, imgs, qs, max_new_tokens=6)
+    single = [generate_answers(model, proc, [im], [q], max_new_tokens=6)[0] for im, q in zip(imgs, qs)]
+    assert batched == single
+    # reference answers = the model's own greedy output (hit) or something else (miss)
+    q = tmp_path / "q.jsonl"
+    q.write_text("\n".join(json.dumps({"question_id": i, "image": p.name, "text": t,
+                                       "answer": batched[i] if i < 2 else batched[i] + " zebra"})
+                           for i, (p, t) in enumerate(zip(paths, qs))))
+    samples = load_vqa([str(q)])
+    res, per = evaluate_vqa(model, proc, samples, batch_size=2, max_new_tokens=6, progress=False)
+    assert [row["hit"] for row in per] == [True, True, False]
+    assert res["overall"]["hits"] == 2 and res["overall"]["total"] == 3
+    # text-only questions are answered without an image
+    text_only = generate_answers(model, proc, None, ["What is a square?"], max_new_tokens=4)
+    assert isinstance(text_only[0], str)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def test_cli_compositional_sugarcrepe(tiny_models, tmp_path, capsys):
+    from distill.eval.__main__ import main
+
+    out = tmp_path / "out"
+    res = main(["compositional", "--model", str(tiny_models.student), "--data", str(SUGARCREPE),
+                "--images", str(SUGARCREPE / "images"), "--batch-size", "3", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "| swap_att | 2 |" in printed and "| replace_rel | 1 |" in printed and "**overall** | 3 |" in printed
+    saved = json.loads((out / "compositional.json").read_text())
+    assert saved["overall"] == res["overall"] and saved["overall"]["total"] == 3
+    rows = [json.loads(line) for line in (out / "compositional_samples.jsonl").read_text().splitlines()]
+    assert sum(r["scores"][0] > r["scores"][1] for r in rows) == saved["overall"]["hits"]
+    assert (out / "compositional.md").read_text().startswith("| category |")
+    with pytest.raises(SystemExit, match="--images"):
+        main(["compositional", "--model", str(tiny_models.student), "--data", str(SUGARCREPE),
+              "--images", str(tmp_path), "--no-progress"])
