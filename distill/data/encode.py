@@ -1,0 +1,204 @@
+"""One LLaVA record -> ``input_ids``, ``labels``, ``pixel_values`` with the model's own processor.
+
+Labels cover the assistant turns only. They are found without any token offset: the conversation
+is rendered with the processor's chat template once per assistant turn boundary (prefix with the
+generation prompt, prefix including the answer); the character span in between is the answer
+(trailing whitespace excluded, end-of-turn marker included). The full rendering is tokenized once
+with offsets, and a token is a label iff it starts inside an answer span. So any prefix-stable chat
+template works (checked; a template that is not prefix-stable raises ``TemplateError``).
+
+Images: the processor is run on the image with its bare image placeholder as text; the token
+sequence it returns (e.g. 64 image tokens, plus any wrapper tokens a processor adds) replaces the
+single placeholder token of the text. Visual positions are later read as
+``input_ids == image_token_id``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IMAGE_PLACEHOLDER = "<image>"  # as written in LLaVA JSON
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "img")
+ROLE_MAP = {"human": "user", "gpt": "assistant"}
+IGNORE_INDEX = -100
+
+
+class TemplateError(ValueError):
+    """The processor / chat template cannot be used for training (configuration, not data)."""
+
+
+class SkipSample(Exception):
+    """A sample is unusable; ``reason`` is a key of ``stats.SKIP_REASONS``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Encoded:
+    """One encoded sample. ``input_ids``/``labels``: ``[L] long``; ``pixel_values``: ``[3,H,W]`` or None."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None
+    key: str = ""
+
+
+class SampleEncoder:
+    """Turns raw WebDataset samples (``{"__key__", "json": bytes, "<ext>": bytes}``) into ``Encoded``.
+
+    Built once from the processor and checked eagerly (pad token, image token, chat template), so a
+    misconfigured processor fails at ``build_loader`` time with a message, not inside a worker.
+    """
+
+    def __init__(self, processor: Any, max_length: int, drop_text_only: bool = False) -> None:
+        self.processor = processor
+        tok = getattr(processor, "tokenizer", None)
+        if tok is None:
+            raise TemplateError("the processor has no .tokenizer; pass the model's AutoProcessor")
+        self.tokenizer = tok
+        self.max_length = max_length
+        self.drop_text_only = drop_text_only
+        self.image_token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+        self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or self.image_token_id == tok.unk_token_id:
+            raise TemplateError(f"the tokenizer has no token for the image placeholder {self.image_token!r}")
+        if tok.pad_token_id is None:
+            raise TemplateError("the tokenizer has no pad token; set tokenizer.pad_token before training")
+        self.pad_token_id = int(tok.pad_token_id)
+        self.chat_template = getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)
+        if not self.chat_template:
+            raise TemplateError("neither the processor nor the tokenizer has a chat_template")
+        if not getattr(tok, "is_fast", False):
+            raise TemplateError("a fast tokenizer (offset mapping) is required to mask labels")
+        self._list_content = False  # decided by the probe below
+        self._probe()
+
+    # ---- template ---------------------------------------------------------------------------------
+    def _messages(self, conversations: list[dict]) -> list[dict]:
+        msgs = []
+        for turn in conversations:
+            text = turn["value"].replace(IMAGE_PLACEHOLDER, self.image_token)
+            if self._list_content:
+                content = []
+                for i, piece in enumerate(text.split(self.image_token)):
+                    if i:
+                        content.append({"type": "image"})
+                    if piece:
+                        content.append({"type": "text", "text": piece})
+                text = content
+            msgs.append({"role": ROLE_MAP[turn["from"]], "content": text})
+        return msgs
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _probe(self) -> None:
+        """Pick string vs list content (whichever renders the text and the placeholder), then check
+        prefix stability on a two-turn conversation."""
+        conv = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nprobe question"},
+                {"from": "gpt", "value": "probe answer"},
+                {"from": "human", "value": "second question"}, {"from": "gpt", "value": "second answer"}]
+        errors = []
+        for list_content in (False, True):
+            self._list_content = list_content
+            try:
+                text = self.render(self._messages(conv), False)
+            except Exception as e:  # template engines raise anything
+                errors.append(f"{'list' if list_content else 'string'} content: {type(e).__name__}: {e}")
+                continue
+            if all(s in text for s in ("probe question", "probe answer", "second answer")) and text.count(self.image_token) == 1:
+                self.answer_spans(self._messages(conv))  # raises TemplateError if not prefix-stable
+                return
+            errors.append(f"{'list' if list_content else 'string'} content: rendered text lacks the turns or the image token")
+        raise TemplateError("the chat template cannot render LLaVA conversations: " + "; ".join(errors))
+
+    def answer_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """Render ``messages``; return ``(text, [(start, end) char spans of assistant answers])``."""
+        full = self.render(messages, False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], True)
+            after = self.render(messages[: i + 1], False)
+            if not (full.startswith(after) and after.startswith(before)):
+                raise TemplateError(
+                    "the chat template is not prefix-stable (rendering a conversation prefix does not give a "
+                    "prefix of the full rendering), so assistant turns cannot be located; use a template "
+                    "without history-dependent rewriting"
+                )
+            end = len(after.rstrip())
+            if end > len(before):
+                spans.append((len(before), end))
+        return full, spans
+
+    # ---- samples ------------------------------------------------------------------------------------
+    def encode(self, raw: dict) -> Encoded:
+        """Raw WebDataset sample -> ``Encoded``; raises ``SkipSample`` for unusable data."""
+        try:
+            rec = json.loads(raw["json"])
+            conversations = rec["conversations"]
+            messages = self._messages(conversations)
+        except Exception as e:  # any malformation of the record
+            raise SkipSample("bad_record", f"{raw.get('__key__')}: {type(e).__name__}: {e}") from None
+        key = str(raw.get("__key__", ""))
+        image = None
+        if rec.get("image") is not None:
+            data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+            if data is None:
+                raise SkipSample("missing_image", key)
+            try:
+                from PIL import Image
+
+                with Image.open(io.BytesIO(data)) as im:
+                    image = im.convert("RGB")
+            except Exception as e:
+                raise SkipSample("image_decode_error", f"{key}: {type(e).__name__}: {e}") from None
+        elif self.drop_text_only:
+            raise SkipSample("text_only_dropped", key)
+        return self.encode_messages(messages, image, key)
+
+    def encode_messages(self, messages: list[dict], image: Any = None, key: str = "") -> Encoded:
+        """Chat messages (+ optional PIL image) -> ``Encoded`` (see module docstring)."""
+        text, spans = self.answer_spans(messages)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [
+            tid if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+            for tid, (start, _end) in zip(ids, enc["offset_mapping"])
+        ]
+        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        pixel_values = None
+        if image is None:
+            if where:
+                raise SkipSample("image_token_mismatch", f"{key}: text-only sample with {len(where)} image tokens")
+        else:
+            if len(where) != 1:
+                raise SkipSample("image_token_mismatch", f"{key}: {len(where)} image placeholders (need 1)")
+            try:
+                out = self.processor(images=[image], text=[self.image_token], add_special_tokens=False, return_tensors="pt")
+            except Exception as e:
+                raise SkipSample("image_processor_error", f"{key}: {type(e).__name__}: {e}") from None
+            expansion = out["input_ids"][0].tolist()
+            if self.image_token_id not in expansion:
+                raise TemplateError("the processor's image expansion holds no image token")
+            pixel_values = out["pixel_values"][0]  # (3, H, W)
+            p = where[0]
+            ids = ids[:p] + expansion + ids[p + 1:]
+            labels = labels[:p] + [IGNORE_INDEX] * len(expansion) + labels[p + 1:]
+            if p + len(expansion) > self.max_length:
+                raise SkipSample("image_truncated", f"{key}: image tokens end at {p + len(expansion)} > max_length {self.max_length}")
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(lab == IGNORE_INDEX for lab in labels):
+            raise SkipSample("no_labels", f"{key}: no assistant token within max_length {self.max_length}")
+        return Encoded(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), pixel_values, key)

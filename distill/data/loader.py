@@ -1,0 +1,246 @@
+"""Streaming WebDataset loader with a fixed number of batches per epoch on every rank.
+
+Readers: each rank has ``max(1, num_workers)`` readers (DataLoader workers); reader ``(rank, w)``
+reads the shards ``split_by_worker(split_by_node(order, rank, world_size), w, W)`` where ``order`` is
+the shard list shuffled with ``(seed, epoch)`` (identical on every rank, so splits are disjoint and
+together complete). Samples pass a shuffle buffer seeded by ``(seed, epoch, rank, w)``, are encoded
+(``encode.SampleEncoder``; unusable samples are counted in ``stats`` and skipped, never fatal) and
+batched inside the reader.
+
+Equal batch counts. Every rank yields exactly ``steps_per_epoch = samples_per_epoch // batch_size``
+batches (``samples_per_epoch`` per rank defaults to manifest total // world_size). Reader ``w`` yields
+``steps // W`` batches, plus one if ``w < steps % W``; the DataLoader takes them round robin, so
+global batch ``i`` comes from reader ``i % W``. To fill its quota a reader cycles over its shards
+(reshuffled each pass) in the default mode, or draws shards with replacement (``resampled``). So
+ranks never disagree on batch counts, even when skips or uneven shards leave some readers short;
+the price in the default mode is that a few samples repeat or are left out in an epoch when shards
+do not divide evenly.
+
+Resume. ``state_dict()`` is ``{"epoch", "batches", ...}`` (batches handed out in the current epoch);
+``load_state_dict`` makes the next ``iter()`` re-create the same epoch stream and drop the first
+``batches`` batches inside the readers (they are read and encoded again but not collated or
+returned), so the continuation is exactly the uninterrupted stream. Finishing an epoch advances
+the state to ``{"epoch": e + 1, "batches": 0}``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .collate import collate
+from .config import DataConfig
+from .encode import SampleEncoder, SkipSample
+from .shardlist import ShardInfo, resolve_shards, split_by_node, split_by_worker
+from .stats import SkipStats
+
+SKIPS_KEY = "_data_skips"  # per-batch skip-count delta shipped from readers, removed before yield
+KEYS_KEY = "sample_keys"  # only with build_loader(..., with_keys=True)
+
+
+def _quota(total: int, worker: int, workers: int) -> int:
+    return total // workers + (1 if worker < total % workers else 0)
+
+
+def _read_shards(paths: list[str], stats: SkipStats) -> Iterator[dict]:
+    """Raw WebDataset samples from tar files, in order; read errors are counted, not raised."""
+    import webdataset as wds
+
+    def handler(exn: Exception) -> bool:
+        stats.add("shard_read_error", f"{type(exn).__name__}: {exn}")
+        return True  # continue with the next sample / shard
+
+    yield from wds.tarfile_to_samples(handler=handler)(iter({"url": p} for p in paths))
+
+
+def _shuffle(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Buffer shuffle: keep ``size`` samples, emit a random one as each new one arrives."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        i = rng.randrange(size)
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+class EpochStream(IterableDataset):
+    """One epoch of batches for one rank (the dataset the DataLoader workers iterate)."""
+
+    def __init__(self, shards: list[ShardInfo], encoder: SampleEncoder, cfg: DataConfig, *, rank: int,
+                 world_size: int, seed: int, epoch: int, steps: int, skip_batches: int = 0,
+                 with_keys: bool = False) -> None:
+        super().__init__()
+        self.shards, self.encoder, self.cfg = shards, encoder, cfg
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+        self.steps, self.skip_batches, self.with_keys = steps, skip_batches, with_keys
+
+    def reader_shards(self, worker: int, workers: int) -> list[str]:
+        """The shards of reader ``(rank, worker)`` this epoch (non-resampled mode)."""
+        order = [s.path for s in self.shards]
+        random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(order)
+        return split_by_worker(split_by_node(order, self.rank, self.world_size), worker, workers)
+
+    def _raw(self, worker: int, workers: int, stats: SkipStats) -> Iterator[dict]:
+        tag = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
+        if self.cfg.resampled:
+            rng = random.Random(f"{tag}/resample")
+            paths = [s.path for s in self.shards]
+            empty_draws = 0
+            while True:
+                n = 0
+                for raw in _read_shards([rng.choice(paths)], stats):
+                    n += 1
+                    yield raw
+                empty_draws = 0 if n else empty_draws + 1
+                if empty_draws > 10 * len(paths) + 10:
+                    raise RuntimeError(f"data: {empty_draws} consecutive shard draws gave no sample; shards: {paths[:3]}...")
+        mine = self.reader_shards(worker, workers)
+        rng = random.Random(f"{tag}/cycle")
+        cycle = 0
+        while True:
+            if cycle:
+                rng.shuffle(mine)
+            n = 0
+            for raw in _read_shards(mine, stats):
+                n += 1
+                yield raw
+            if n == 0:
+                raise RuntimeError(f"data: reader (rank {self.rank}, worker {worker}) read no sample from its shards {mine}")
+            cycle += 1
+
+    def _samples(self, worker: int, workers: int, stats: SkipStats):
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/shuffle")
+        limit = 10_000
+        streak = 0
+        for raw in _shuffle(self._raw(worker, workers, stats), self.cfg.shuffle_buffer, rng):
+            try:
+                yield self.encoder.encode(raw)
+                streak = 0
+            except SkipSample as e:
+                stats.add(e.reason, e.detail)
+                streak += 1
+                if streak >= limit:
+                    raise RuntimeError(f"data: {limit} consecutive samples were unusable; skip counts {stats.as_dict()}") from None
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        quota = _quota(self.steps, worker, workers)
+        skip = _quota(self.skip_batches, worker, workers)
+        stats = SkipStats()
+        samples = self._samples(worker, workers, stats)
+        bs = self.cfg.batch_size
+        enc = self.encoder
+        for b in range(quota):
+            batch = [next(samples) for _ in range(bs)]
+            if b < skip:
+                continue
+            out = collate(batch, enc.pad_token_id, enc.image_token_id)
+            out[SKIPS_KEY] = stats.drain()
+            if self.with_keys:
+                out[KEYS_KEY] = [s.key for s in batch]
+            yield out
+
+
+class StreamingLoader:
+    """Iterable of batches for one rank; ``len()`` = batches per epoch (same on every rank).
+
+    ``stats`` (``SkipStats``) accumulates skip counts from all readers; ``state_dict`` /
+    ``load_state_dict`` / ``set_epoch`` give a resumable data position (module docstring).
+    """
+
+    def __init__(self, cfg: DataConfig, processor: Any, *, rank: int, world_size: int, seed: int, epoch: int = 0,
+                 with_keys: bool = False) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"build_loader: rank {rank} / world_size {world_size} invalid")
+        self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
+        self.shards = resolve_shards(cfg.shards)
+        self.encoder = SampleEncoder(processor, cfg.max_length, cfg.drop_text_only)
+        self.stats = SkipStats()
+        self.with_keys = with_keys
+        self.epoch, self.batches = epoch, 0
+        readers = max(1, cfg.num_workers)
+        if cfg.samples_per_epoch is not None:
+            per_rank = cfg.samples_per_epoch
+        elif cfg.resampled or any(s.num_samples is None for s in self.shards):
+            raise ValueError(
+                "data.samples_per_epoch is required "
+                + ("in resampled mode" if cfg.resampled else "when shard sample counts are unknown (no manifest.json next to the shards)")
+                + " (samples per epoch per rank)"
+            )
+        else:
+            per_rank = sum(s.num_samples for s in self.shards) // world_size
+        self.steps_per_epoch = per_rank // cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"data: {per_rank} samples per rank is less than one batch of {cfg.batch_size}; "
+                "lower data.batch_size or add data"
+            )
+        if not cfg.resampled and len(self.shards) < world_size * readers:
+            raise ValueError(
+                f"data: {len(self.shards)} shard(s) cannot feed {world_size} rank(s) x {readers} reader(s) without "
+                f"overlap; reshard with a smaller --shard-size, lower data.num_workers, or set data.resampled=true"
+            )
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning at the next ``iter()``."""
+        self.epoch, self.batches = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches, "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.world_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("steps_per_epoch", "world_size", "seed"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(
+                    f"data resume: saved {k}={state[k]} but this run has {k}={getattr(self, k)}; the data position "
+                    "cannot be restored exactly (use the same data config, seed and world size, or start the epoch fresh "
+                    "with loader.set_epoch(epoch))"
+                )
+        if not 0 <= state["batches"] <= self.steps_per_epoch:
+            raise ValueError(f"data resume: batches={state['batches']} outside [0, {self.steps_per_epoch}]")
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.batches >= self.steps_per_epoch:
+            self.epoch, self.batches = self.epoch + 1, 0
+        stream = EpochStream(self.shards, self.encoder, self.cfg, rank=self.rank, world_size=self.world_size,
+                             seed=self.seed, epoch=self.epoch, steps=self.steps_per_epoch,
+                             skip_batches=self.batches, with_keys=self.with_keys)
+        kw: dict = {}
+        if self.cfg.num_workers > 0:
+            kw = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
+        loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers, **kw)
+        for batch in loader:
+            self.stats.update(batch.pop(SKIPS_KEY))
+            self.stats.yielded += int(batch["input_ids"].shape[0])
+            self.batches += 1
+            yield batch
+        self.epoch, self.batches = self.epoch + 1, 0
+
+
+def build_loader(data_cfg: Any, processor: Any, *, rank: int, world_size: int, seed: int | None = None,
+                 epoch: int = 0, with_keys: bool = False) -> StreamingLoader:
+    """Streaming loader for one rank (docs/INTERFACES.md "Data").
+
+    ``data_cfg``: ``DataConfig`` (or dict / object with its fields). ``seed`` overrides
+    ``data_cfg.seed`` when given. ``with_keys`` adds ``batch["sample_keys"]`` (list of WebDataset keys;
+    tests/debugging). Returns a ``StreamingLoader``: iterate for batches, ``.stats`` for skip counts.
+    """
+    cfg = DataConfig.coerce(data_cfg)
+    return StreamingLoader(cfg, processor, rank=rank, world_size=world_size,
+                           seed=cfg.seed if seed is None else seed, epoch=epoch, with_keys=with_keys)
