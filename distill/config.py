@@ -139,10 +139,8 @@ class DeepSpeedConfig:
     are filled from this section."""
     teacher_config: str | None = _path(None)
     """Teacher DeepSpeed JSON (ZeRO-3 inference); null picks ``ds_configs/teacher_zero3.json``."""
-    micro_batch: int = 1
-    """Micro-batch size per rank."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step (the micro-batch size per rank is ``data.batch_size``)."""
     lr: float = 1e-4
     """Peak learning rate."""
     warmup_steps: int = 0
@@ -159,9 +157,8 @@ class DeepSpeedConfig:
     def __post_init__(self):
         if self.zero_stage not in (2, 3):
             raise ConfigError(f"deepspeed.zero_stage: must be 2 or 3, got {self.zero_stage}")
-        for k in ("micro_batch", "grad_accum"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"deepspeed.{k}: must be >= 1, got {getattr(self, k)}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"deepspeed.grad_accum: must be >= 1, got {self.grad_accum}")
         if self.lr <= 0:
             raise ConfigError(f"deepspeed.lr: must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
@@ -231,10 +228,16 @@ def _sections():
     }
 
 
+PATH_FIELD_NAMES = ("shards",)
+PATH_FIELD_SUFFIXES = ("_dir", "_path", "_file", "_root")
+
+
 def _is_path_field(f: dataclasses.Field) -> bool:
-    if f.metadata.get("path"):
+    """Path fields: ``metadata={"path": True}``, or (for sections defined elsewhere) a name in
+    PATH_FIELD_NAMES or ending in one of PATH_FIELD_SUFFIXES."""
+    if f.metadata.get("path") or f.metadata.get("is_path"):
         return True
-    return bool(f.metadata.get("is_path"))
+    return f.name in PATH_FIELD_NAMES or f.name.endswith(PATH_FIELD_SUFFIXES)
 
 
 def _type_name(tp) -> str:
@@ -348,7 +351,8 @@ def _build_section(name: str, cls, raw: dict, bases: dict):
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{name}: {e}") from None
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(f"{name}.") else f"{name}: {msg}") from None
 
 
 def _parse_override(item: str):

@@ -75,6 +75,29 @@ class Engines:
     def teacher_model(self) -> torch.nn.Module | None:
         return None if self.teacher is None else self.teacher.module
 
+    def backward(self, loss: torch.Tensor, world_scaled: bool = True):
+        """Backward of a micro-batch loss that is already normalised by the global count of the
+        optimizer step. DeepSpeed averages gradients over ranks and divides by the accumulation
+        steps; both are undone here so gradients are the plain sum of the micro-batch losses."""
+        scale = self.dist.world_size if world_scaled else 1
+        self.student.backward(loss * scale, scale_wrt_gas=False)
+
+    def step(self):
+        """``engine.step()`` after every micro-batch (updates at accumulation boundaries)."""
+        self.student.step()
+
+    def step_applied(self) -> bool:
+        """False when DeepSpeed skipped the last update (non-finite gradient norm / fp16 overflow);
+        the decision is global, so all ranks agree."""
+        return bool(self.student.was_step_applied())
+
+    def lr(self) -> float:
+        return float(self.student.get_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        gn = self.student.get_global_grad_norm()
+        return None if gn is None else float(gn)
+
 
 # ------------------------------------------------------------------------------ process group
 
@@ -170,9 +193,9 @@ def _batch_values(cfg: TrainConfig, world_size: int) -> dict:
     ds = cfg.deepspeed
     dtype = cfg.model.dtype
     return {
-        "train_micro_batch_size_per_gpu": ds.micro_batch,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.grad_accum,
-        "train_batch_size": ds.micro_batch * ds.grad_accum * world_size,
+        "train_batch_size": cfg.data.batch_size * ds.grad_accum * world_size,
         "bf16.enabled": dtype == "bfloat16",
         "fp16.enabled": dtype == "float16",
     }

@@ -1,0 +1,408 @@
+"""The one training loop. A stage (1 DPT, 2 SFT, 3 DFT) is a config; ``launch/stageN.py`` only
+picks the stage number.
+
+Reads top to bottom: config -> setup (process group, models, engines, data, objective, resume)
+-> loop (global token counts, forward/backward per micro-batch, optimizer step) -> checkpoint
+-> log -> final consolidated student in ``output_dir/final``.
+
+Loss normalisation: before the forwards of an optimizer step, the valid-token and image counts of
+all its micro-batches are summed over ranks (one all-reduce). Each micro-batch's loss is its
+*sum* over valid positions divided by that global count, so gradient accumulation and data
+parallelism give exactly the gradient of one big batch. DeepSpeed averages gradients over ranks
+and (by default) scales by 1/accum; ``Engines.backward`` undoes both.
+
+Host syncs happen only at log steps (and inside DeepSpeed's own gradient-norm check). A step whose
+gradient norm is non-finite is skipped by DeepSpeed on every rank (no update, gradients
+cleared); the loop counts it and aborts after ``run.max_nonfinite_in_row`` in a row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.config import ConfigError, TrainConfig, config_to_dict, load_config
+
+LOSS_TERMS = ("loss", "lm", "kd", "attn")
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
+
+
+class NonFiniteAbort(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def text_hidden_size(path: str) -> int:
+    """Hidden size of a LLaVA folder's language model (config only, no weights)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    return int(cfg.get_text_config().hidden_size)
+
+
+def count_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid shifted label positions, samples with an image) of one micro-batch, as tensors."""
+    labels = batch["labels"]
+    tokens = (labels[:, 1:] != -100).sum()
+    images = batch["has_image"].sum() if batch.get("has_image") is not None else torch.zeros((), dtype=torch.long)
+    return tokens, images
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def select_trainable(model: torch.nn.Module, mcfg) -> None:
+    """Set ``requires_grad`` by config: projector path, LLM (full / LoRA / frozen), vision tower."""
+    model.requires_grad_(False)
+    inner = model.model
+    proj = inner.multi_modal_projector
+    if mcfg.train_projector:
+        # with adapter fetch only the adapter trains; the teacher's projector copy stays frozen
+        (proj.adapter if hasattr(proj, "adapter") else proj).requires_grad_(True)
+    if mcfg.train_vision:
+        inner.vision_tower.requires_grad_(True)
+    if mcfg.llm == "full":
+        inner.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    elif mcfg.llm == "lora":
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise ConfigError("model.llm: 'lora' needs the peft package (pip install peft)") from None
+        lcfg = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
+                          target_modules=list(mcfg.lora_target_modules), bias="none")
+        inject_adapter_in_model(lcfg, inner.language_model)
+        for n, p in inner.language_model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+    if mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def merge_lora_state_dict(sd: dict, scaling: float) -> dict:
+    """Fold LoRA factors into their base weights: ``W + scaling * B @ A`` (fp32 math), and
+    rename ``x.base_layer.weight`` -> ``x.weight``; the result is a plain model state dict."""
+    out = {}
+    for k, v in sd.items():
+        if ".lora_A." in k or ".lora_B." in k:
+            continue
+        if ".base_layer." in k:
+            prefix, _, suffix = k.partition(".base_layer.")
+            if suffix == "weight":
+                a = next(sd[x] for x in sd if x.startswith(prefix + ".lora_A.") and x.endswith("weight"))
+                b = next(sd[x] for x in sd if x.startswith(prefix + ".lora_B.") and x.endswith("weight"))
+                v = (v.float() + scaling * (b.float() @ a.float())).to(v.dtype)
+            k = f"{prefix}.{suffix}"
+        out[k] = v
+    return out
+
+
+class BatchStream:
+    """Endless micro-batches of one rank, epoch after epoch of a ``distill.data`` loader.
+
+    The loader keeps the data position (``state_dict``: epoch, batches handed out) and advances
+    the epoch when one is exhausted; every rank gets the same number of batches per epoch."""
+
+    def __init__(self, loader, rank: int):
+        self.loader = loader
+        self.rank = rank
+        self._it = None
+
+    def __next__(self) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+        raise RuntimeError(f"rank {self.rank}: the data loader yields no batches "
+                           "(no shards for this rank, or every sample was skipped)")
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skipped samples of this rank by reason (cumulative over epochs and resumes)."""
+        stats = getattr(self.loader, "stats", None)
+        return stats.as_dict() if stats is not None else {}
+
+    def state(self) -> dict:
+        return {"loader": self.loader.state_dict(), "skipped": self.skipped}
+
+    def load_state(self, st: dict):
+        self.loader.load_state_dict(st["loader"])
+        self._it = None
+        stats = getattr(self.loader, "stats", None)
+        if stats is not None and st.get("skipped"):
+            stats.counts.clear()
+            stats.update(st["skipped"])
+
+
+@dataclass
+class Logger:
+    """Rank-0 metrics: JSONL (+ TensorBoard), tqdm postfix."""
+
+    path: Path
+    rank: int
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        self._tb = None
+        if self.rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ConfigError("run.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
+                self._tb = SummaryWriter(str(self.path.parent / "tb"))
+
+    def log(self, record: dict):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, record["step"])
+            self._tb.flush()
+
+
+def _say(rank: int, msg: str):
+    if rank == 0:
+        print(f"[distill] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one stage; returns a summary dict (rank 0 has the full one)."""
+    from distill import engine as E
+    from distill.checkpoint import CheckpointManager
+    from distill.data import build_loader
+    from distill.models import build_student, build_teacher, load_processor, save_student_checkpoint
+    from distill.objective import DistillObjective
+
+    # ---- setup ----------------------------------------------------------------------------
+    dist_info = E.init_distributed(cfg.deepspeed.timeout_min)
+    rank, world = dist_info.rank, dist_info.world_size
+    seed_everything(cfg.run.seed + rank)
+    out_dir = Path(cfg.run.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"config_stage{cfg.stage}.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    mcfg, dtype = cfg.model, cfg.model.torch_dtype
+    use_teacher = mcfg.teacher is not None and cfg.needs_teacher()
+    processor = load_processor(mcfg.student)
+    try:  # before any weights load: data errors (too few shards, ...) are config errors
+        stream = BatchStream(build_loader(cfg.data, processor, rank=rank, world_size=world, seed=cfg.run.seed), rank)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    engines = E.build_engines(
+        cfg, dist_info,
+        make_student=lambda: build_student(mcfg.student, teacher_path=mcfg.teacher,
+                                           adapter_fetch=mcfg.adapter_fetch, dtype=dtype),
+        student_hidden=text_hidden_size(mcfg.student),
+        make_teacher=(lambda: build_teacher(mcfg.teacher, dtype=dtype)) if use_teacher else None,
+        teacher_hidden=text_hidden_size(mcfg.teacher) if use_teacher else None,
+        select_trainable=lambda m: select_trainable(m, mcfg),
+    )
+    objective = DistillObjective(cfg.loss, engines.student_model, engines.teacher_model)
+    student_fn = engines.student
+
+    def teacher_fn(**kw):
+        with torch.no_grad():
+            return engines.teacher(**kw)
+
+    ckpts = CheckpointManager(out_dir / "checkpoints", rank, world, cfg.run.keep_last)
+    start_step, nonfinite_total = 0, 0
+    resume_from = ckpts.resolve(cfg.run.resume)
+    if resume_from is not None:
+        st = ckpts.load(engines, resume_from)
+        start_step, nonfinite_total = st["step"], st.get("nonfinite_total", 0)
+        stream.load_state(st["data"])
+        _say(rank, f"resumed from {resume_from} at step {start_step}")
+    logger = Logger(out_dir / cfg.run.metrics_file, rank, cfg.run.tensorboard)
+
+    def train_state() -> dict:
+        return {"data": stream.state(), "nonfinite_total": nonfinite_total}
+
+    # ---- loop -----------------------------------------------------------------------------
+    accum, dev = cfg.deepspeed.grad_accum, dist_info.device
+    acc = torch.zeros(len(LOSS_TERMS) + 2, dtype=torch.float64, device=dev)  # terms, tokens, samples
+    window_steps, nonfinite_in_row, t_window = 0, 0, time.perf_counter()
+    bar = None
+    if rank == 0 and cfg.run.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.run.steps, initial=start_step, desc=f"stage {cfg.stage} ({cfg.stage_name})",
+                   dynamic_ncols=True)
+    last = {}
+    engines.student.train()
+    for step in range(start_step, cfg.run.steps):
+        micro = [to_device(next(stream), dev, dtype) for _ in range(accum)]
+        counts = torch.zeros(3, dtype=torch.float64, device=dev)
+        for mb in micro:
+            tokens, images = count_targets(mb)
+            counts[0] += tokens
+            counts[1] += images
+            counts[2] += mb["input_ids"].shape[0]
+        E.all_reduce_sum(counts)  # global tokens / images / samples of this optimizer step
+        num_tokens, num_images = counts[0].clamp(min=1), counts[1].clamp(min=1)
+        for mb in micro:
+            out = objective(student_fn, teacher_fn if use_teacher else None, mb,
+                            num_tokens=num_tokens, num_images=num_images)
+            engines.backward(out["loss"])
+            engines.step()
+            for i, k in enumerate(LOSS_TERMS):
+                if k in out and out[k] is not None:
+                    acc[i] += out[k].detach().to(torch.float64)
+        acc[-2] += counts[0]
+        acc[-1] += counts[2]
+        window_steps += 1
+        if engines.step_applied():
+            nonfinite_in_row = 0
+        else:  # DeepSpeed found a non-finite gradient norm on the step (same decision on all ranks)
+            nonfinite_in_row += 1
+            nonfinite_total += 1
+            _say(rank, f"step {step + 1}: non-finite loss/gradient, update skipped ({nonfinite_in_row} in a row)")
+            if nonfinite_in_row > cfg.run.max_nonfinite_in_row:
+                msg = (f"aborting: {nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradient "
+                       f"(run.max_nonfinite_in_row={cfg.run.max_nonfinite_in_row}). Lower deepspeed.lr, check the "
+                       f"data, or resume from the last checkpoint in {ckpts.root}.")
+                if bar is not None:
+                    bar.close()
+                raise NonFiniteAbort(msg)
+        done = step + 1
+
+        # ---- log (the only host sync of the loop) -------------------------------------------
+        if done % cfg.run.log_every == 0 or done == cfg.run.steps:
+            E.all_reduce_sum(acc)
+            vals = acc.tolist()
+            skipped = torch.tensor([sum(stream.skipped.values())], dtype=torch.float64, device=dev)
+            E.all_reduce_sum(skipped)
+            dt = time.perf_counter() - t_window
+            last = {"step": done, "stage": cfg.stage,
+                    **{k: vals[i] / window_steps for i, k in enumerate(LOSS_TERMS)},
+                    "lr": engines.lr(),
+                    "tokens_per_s": vals[-2] / dt, "samples_per_s": vals[-1] / dt,
+                    "step_time_s": dt / window_steps,
+                    "skipped_samples": int(skipped.item()), "nonfinite_steps": nonfinite_total}
+            gn = engines.grad_norm()
+            if gn is not None:
+                last["grad_norm"] = gn
+            if rank == 0 and stream.skipped:
+                last["skipped_by_reason_rank0"] = dict(stream.skipped)
+            logger.log(last)
+            if bar is not None:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            acc.zero_()
+            window_steps, t_window = 0, time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+
+        # ---- checkpoint ---------------------------------------------------------------------
+        if cfg.run.save_every and done % cfg.run.save_every == 0 and done != cfg.run.steps:
+            ckpts.save(engines, done, train_state(), {"stage": cfg.stage})
+    if bar is not None:
+        bar.close()
+
+    # ---- end of stage: resumable checkpoint + consolidated student ---------------------------
+    if resume_from is None or start_step < cfg.run.steps:
+        ckpts.save(engines, cfg.run.steps, train_state(), {"stage": cfg.stage})
+    final = out_dir / "final"
+    sd = E.consolidated_state_dict(engines)  # collective
+    if rank == 0:
+        if mcfg.llm == "lora":
+            sd = merge_lora_state_dict(sd, mcfg.lora_alpha / mcfg.lora_r)
+        tmp = out_dir / "final.tmp"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        save_student_checkpoint(tmp, engines.student_model, processor, state_dict=sd)
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _say(rank, f"stage {cfg.stage} done: student checkpoint in {final} "
+                   f"(export: python -m distill.export --checkpoint {final} --out DIR)")
+    E.barrier()
+    return {"final": str(final), "last": last, "start_step": start_step, "nonfinite_total": nonfinite_total,
+            "engines": engines}
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description="Train one distillation stage (DeepSpeed).",
+                                 epilog="Overrides: section.key=value, e.g. deepspeed.lr=2e-5 run.steps=100")
+    ap.add_argument("--config", required=True, help="stage YAML (paths inside resolve relative to it)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    return ap.parse_args(argv)
+
+
+def preflight(cfg: TrainConfig):
+    """Config-only checks of the model folders (no weights read)."""
+    from distill.models import check_pair, is_student_checkpoint
+
+    if cfg.model.teacher is not None:
+        check_pair(cfg.model.student, cfg.model.teacher,
+                   adapter_fetch=cfg.model.adapter_fetch and not is_student_checkpoint(cfg.model.student))
+
+
+def main(stage: int, argv: list[str] | None = None) -> int:
+    """``launch/stageN.py`` entry point; returns the process exit code."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        from distill.models import ModelConfigError
+    except ImportError:  # pragma: no cover
+        ModelConfigError = ConfigError
+    try:
+        cfg = load_config(args.config, args.overrides, stage=stage)
+        preflight(cfg)
+    except (ConfigError, ModelConfigError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        train(cfg)
+    except NonFiniteAbort as e:
+        print(f"[distill] {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
