@@ -1,0 +1,168 @@
+"""Teacher vs student visual attention as heat maps over the image grid.
+
+The maps come from the training capture path (`distill.attention.install` + `AttentionCapture`):
+for each captured text layer the head-averaged visual block ``P [n, n]`` (visual query rows,
+visual key columns, normalised over all keys). The attention an image token receives is the column
+mean of ``P`` over the ``n`` visual query rows (causal zeros above the diagonal included), reshaped
+to the ``sqrt(n) x sqrt(n)`` patch grid. Layers are paired with `distill.losses.match_layers`
+(its defaults unless layers are given); a teacher window is shown as the mean of its layers' maps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from distill.eval.common import EvalDataError, image_token_id, model_device, render_chat, user_turn
+
+
+def visual_attention_profile(maps: torch.Tensor) -> torch.Tensor:
+    """Attention received by each visual token.
+
+    Args:
+        maps: [..., n, n] visual block (query rows, key columns).
+    Returns:
+        [..., n] fp32: the column mean over the n query rows.
+    """
+    if maps.dim() < 2 or maps.shape[-1] != maps.shape[-2]:
+        raise ValueError(f"maps must be [..., n, n], got shape {tuple(maps.shape)}")
+    return maps.float().mean(dim=-2)
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) of the square patch grid holding n image tokens; error when n is not square."""
+    side = math.isqrt(n)
+    if side * side != n or n == 0:
+        raise ValueError(
+            f"{n} image tokens do not form a square grid; heat maps need a square number of image tokens "
+            "(models that add tokens such as a CLS or newline tokens per row are not supported by this view)"
+        )
+    return side, side
+
+
+def prompt_batch(processor, image, prompt: str) -> dict:
+    """One-sample processor batch: user turn (image + prompt) followed by the generation prompt."""
+    text = render_chat(processor, [user_turn(prompt)], add_generation_prompt=True)
+    return dict(processor(images=[image], text=[text], add_special_tokens=False, return_tensors="pt"))
+
+
+@torch.no_grad()
+def capture_visual_attention(model, processor, image, prompt: str, layers: Sequence[int],
+                             backend: str = "auto") -> torch.Tensor:
+    """Head-averaged visual attention of `layers` for one (image, prompt), via the training capture path.
+
+    Installs the fused attention function on `model` (`distill.attention.install`) if needed.
+    Returns:
+        [len(layers), n, n] fp32 CPU tensor (n = image tokens).
+    """
+    from distill.attention import AttentionCapture, install
+
+    impl = getattr(getattr(model.config, "text_config", model.config), "_attn_implementation", None)
+    if not (isinstance(impl, str) and impl.startswith("distill_")):
+        install(model, backend)
+    batch = prompt_batch(processor, image, prompt)
+    device = model_device(model)
+    batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+    vis = (batch["input_ids"][0] == image_token_id(model)).nonzero().flatten()
+    if vis.numel() == 0:
+        raise EvalDataError("the prompt holds no image tokens; does the processor expand <image>?")
+    cap = AttentionCapture(model, list(layers))
+    try:
+        with cap.record(vis.unsqueeze(0), torch.ones(1, dtype=torch.bool, device=device)) as rec:
+            model(**batch)
+            maps = rec.maps  # (L, 1, n, n)
+    finally:
+        cap.remove()
+    return maps[:, 0].float().cpu()
+
+
+def _depth(model) -> int:
+    cfg = getattr(model.config, "text_config", model.config)
+    return int(cfg.num_hidden_layers)
+
+
+def attention_maps(teacher, student, teacher_processor, student_processor, image, prompt: str, *,
+                   student_layers: Sequence[int] | None = None, window: int | None = None,
+                   backend: str = "auto") -> dict:
+    """Matched teacher and student visual-attention profiles for one image and prompt.
+
+    Returns a dict with ``student_layers`` (list[int]), ``teacher_windows`` (list[list[int]]),
+    ``student`` [L, n] and ``teacher`` [L, n] fp32 profiles (`visual_attention_profile`; a teacher
+    window is the mean of its layers' maps), and ``grid`` (rows, cols).
+    """
+    from distill.losses import match_layers
+
+    s_layers, t_windows = match_layers(_depth(student), _depth(teacher), student_layers=student_layers, window=window)
+    t_layers = sorted({t for w in t_windows for t in w})
+    s_maps = capture_visual_attention(student, student_processor, image, prompt, s_layers, backend)  # (L, n, n)
+    t_all = capture_visual_attention(teacher, teacher_processor, image, prompt, t_layers, backend)  # (Lt, n, n)
+    t_maps = torch.stack([t_all[[t_layers.index(t) for t in w]].mean(0) for w in t_windows])  # (L, n, n)
+    if s_maps.shape[-1] != t_maps.shape[-1]:
+        raise EvalDataError(f"student has {s_maps.shape[-1]} image tokens, teacher {t_maps.shape[-1]}; "
+                            "the pair must share the image-token count")
+    return {"student_layers": list(s_layers), "teacher_windows": [list(w) for w in t_windows],
+            "student": visual_attention_profile(s_maps), "teacher": visual_attention_profile(t_maps),
+            "grid": grid_shape(s_maps.shape[-1])}
+
+
+def render_attention(image, teacher: torch.Tensor, student: torch.Tensor, out: str | os.PathLike, *,
+                     row_labels: Sequence[str] | None = None, cell_inches: float = 3.0, dpi: int = 100) -> Path:
+    """Write a PNG: one row per matched layer; columns = image, teacher heat map, student heat map.
+
+    Args:
+        image: PIL image (shown stretched to the square model view, as the processor resizes it).
+        teacher, student: [L, n] attention profiles (n a square number).
+    Returns:
+        the PNG path; its size is exactly (3 * cell_inches * dpi, L * cell_inches * dpi) pixels.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if teacher.dim() != 2 or teacher.shape != student.shape:
+        raise ValueError(f"teacher and student profiles must both be [L, n]; got {tuple(teacher.shape)} "
+                         f"and {tuple(student.shape)}")
+    L, n = teacher.shape
+    h, w = grid_shape(n)
+    labels = list(row_labels) if row_labels is not None else [f"pair {i}" for i in range(L)]
+    if len(labels) != L:
+        raise ValueError(f"{len(labels)} row labels for {L} rows")
+    img = np.asarray(image.convert("RGB"))
+    extent = (0, 1, 1, 0)
+    fig, axes = plt.subplots(L, 3, figsize=(3 * cell_inches, L * cell_inches), dpi=dpi, squeeze=False)
+    for r in range(L):
+        for c, (name, prof) in enumerate([("image", None), ("teacher", teacher[r]), ("student", student[r])]):
+            ax = axes[r, c]
+            ax.imshow(img, extent=extent, aspect="auto")
+            if prof is not None:
+                heat = prof.float().reshape(h, w).numpy()
+                ax.imshow(heat, extent=extent, aspect="auto", cmap="jet", alpha=0.55, interpolation="bilinear")
+                ax.set_title(f"{name}: max {heat.max():.3g}", fontsize=8)
+            else:
+                ax.set_title(labels[r], fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
+    plt.close(fig)
+    return out
+
+
+def attention_figure(teacher, student, teacher_processor, student_processor, image, prompt: str,
+                     out: str | os.PathLike, *, student_layers: Sequence[int] | None = None,
+                     window: int | None = None, backend: str = "auto") -> Path:
+    """`attention_maps` then `render_attention` (what ``python -m distill.viz attention`` runs)."""
+    res = attention_maps(teacher, student, teacher_processor, student_processor, image, prompt,
+                         student_layers=student_layers, window=window, backend=backend)
+    labels = [f"student L{s} / teacher L{','.join(map(str, w))}"
+              for s, w in zip(res["student_layers"], res["teacher_windows"])]
+    return render_attention(image, res["teacher"], res["student"], out, row_labels=labels)

@@ -1,0 +1,138 @@
+"""Visualisation: capture-path maps vs eager attention, heat-map figure, curves."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from distill.viz import (
+    attention_maps,
+    capture_visual_attention,
+    grid_shape,
+    metric_series,
+    plot_curves,
+    render_attention,
+    visual_attention_profile,
+)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_models):
+    from distill.models import load_processor, load_vlm
+
+    t = load_vlm(tiny_models.teacher).eval()
+    s = load_vlm(tiny_models.student).eval()
+    return t, s, load_processor(tiny_models.teacher), load_processor(tiny_models.student)
+
+
+@pytest.fixture
+def image():
+    img = Image.new("RGB", (40, 30), (240, 240, 240))
+    img.paste((200, 30, 30), (5, 5, 20, 20))
+    img.paste((30, 30, 200), (22, 12, 36, 28))
+    return img
+
+
+def test_profile_is_column_mean_and_grid():
+    maps = torch.tensor([[[1.0, 0.0], [0.25, 0.75]]])  # (1, 2, 2)
+    torch.testing.assert_close(visual_attention_profile(maps), torch.tensor([[0.625, 0.375]]))
+    assert visual_attention_profile(torch.rand(3, 2, 5, 5, dtype=torch.bfloat16)).dtype == torch.float32
+    assert grid_shape(64) == (8, 8) and grid_shape(729) == (27, 27)
+    with pytest.raises(ValueError, match="square grid"):
+        grid_shape(65)
+    with pytest.raises(ValueError, match=r"\[\.\.\., n, n\]"):
+        visual_attention_profile(torch.rand(3, 4, 5))
+
+
+def test_capture_path_equals_eager_attention(pair, tiny_models, image):
+    """The maps the figure shows equal the eager attention probabilities' visual block."""
+    from transformers import LlavaForConditionalGeneration
+
+    from distill.viz.attention_maps import prompt_batch
+
+    _, student, _, proc = pair
+    layers = [0, 2, 3]
+    captured = capture_visual_attention(student, proc, image, "Where is the red square?", layers)
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny_models.student, attn_implementation="eager").eval()
+    batch = prompt_batch(proc, image, "Where is the red square?")
+    with torch.no_grad():
+        out = eager(**batch, output_attentions=True)
+    vis = (batch["input_ids"][0] == eager.config.image_token_id).nonzero().flatten()
+    assert captured.shape == (3, len(vis), len(vis)) == (3, 64, 64)
+    for i, l in enumerate(layers):
+        ref = out.attentions[l][0].mean(0)[vis][:, vis]  # (n, n), heads averaged
+        torch.testing.assert_close(captured[i], ref.float(), rtol=1e-4, atol=1e-6)
+    assert torch.triu(captured, diagonal=1).abs().max() == 0  # causal zeros above the diagonal
+
+
+def test_attention_maps_and_png_size(pair, image, tmp_path):
+    teacher, student, t_proc, s_proc = pair
+    res = attention_maps(teacher, student, t_proc, s_proc, image, "Describe the image.")
+    from distill.losses import match_layers
+
+    s_layers, t_windows = match_layers(4, 6)
+    assert res["student_layers"] == s_layers and res["teacher_windows"] == t_windows
+    L = len(s_layers)
+    assert res["student"].shape == res["teacher"].shape == (L, 64) and res["grid"] == (8, 8)
+    # sum over keys of the column means = mean visual row mass, in (0, 1]
+    for prof in (res["student"], res["teacher"]):
+        mass = prof.sum(-1)
+        assert bool((mass > 0).all()) and bool((mass <= 1 + 1e-5).all())
+    # teacher window = mean of the window layers' maps
+    t_ref = capture_visual_attention(teacher, t_proc, image, "Describe the image.", t_windows[0]).mean(0)
+    torch.testing.assert_close(res["teacher"][0], visual_attention_profile(t_ref))
+
+    out = render_attention(image, res["teacher"], res["student"], tmp_path / "a.png", cell_inches=2.0, dpi=50)
+    with Image.open(out) as png:
+        assert png.format == "PNG" and png.size == (3 * 100, L * 100)
+        assert len(set(png.convert("RGB").getcolors(1 << 20) or [])) > 10  # not a blank canvas
+    with pytest.raises(ValueError, match=r"\[L, n\]"):
+        render_attention(image, res["teacher"], res["student"][:, :4], tmp_path / "b.png")
+
+
+def test_cli_attention_explicit_layers(tiny_models, image, tmp_path):
+    from distill.viz.__main__ import main
+
+    img = tmp_path / "img.png"
+    image.save(img)
+    out = main(["attention", "--teacher", str(tiny_models.teacher), "--student", str(tiny_models.student),
+                "--image", str(img), "--prompt", "What is left of the blue square?", "--out", str(tmp_path / "m.png"),
+                "--layers", "1", "3"])
+    with Image.open(out) as png:
+        assert png.size == (900, 600)  # 2 matched layers, default 3-inch cells at 100 dpi
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["attention", "--teacher", str(tiny_models.teacher), "--student", str(tiny_models.student),
+              "--image", str(tmp_path / "missing.png"), "--prompt", "x", "--out", str(tmp_path / "n.png")])
+
+
+def test_curves_png_and_series(tmp_path):
+    rows = [{"step": s, "loss": 3.0 / (s + 1), "lm": 2.0 / (s + 1), "kd": 0.5, "attn": 0.1 * s, "tag": "train"}
+            for s in range(6)]
+    rows.insert(3, {"step": 2, "eval_acc": 0.5})
+    rows.append({"step": 6, "loss": float("nan")})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    from distill.viz.curves import read_metrics
+
+    series = metric_series(read_metrics(path))
+    assert list(series) == ["loss", "lm", "kd", "attn", "eval_acc"]
+    assert series["lm"][0] == list(range(6)) and series["eval_acc"] == ([2], [0.5])
+    assert series["loss"][0][-1] == 6  # non-finite kept as a gap
+    out = plot_curves(path, tmp_path / "c.png")
+    with Image.open(out) as png:
+        assert png.size == (800, 5 * 250)
+    from distill.viz.__main__ import main
+
+    out = main(["curves", str(path), "--out", str(tmp_path / "d.png"), "--keys", "loss", "kd"])
+    with Image.open(out) as png:
+        assert png.size == (800, 500)
+    path.write_text('{"step": 0, "loss": 1}\n{"loss": 2}\n')
+    with pytest.raises(ValueError, match="line 2 has no numeric 'step'"):
+        plot_curves(path, tmp_path / "e.png")
+    path.write_text('{"step": 0, "loss": 1}\n{oops\n')
+    with pytest.raises(SystemExit, match="metrics.jsonl:2: not valid JSON"):
+        main(["curves", str(path), "--out", str(tmp_path / "f.png")])
+    path.write_text('{"step": 0, "loss": 1}\n')
+    with pytest.raises(ValueError, match="no numeric values for metric 'kd'"):
+        plot_curves(path, tmp_path / "g.png", keys=["kd"])
