@@ -89,6 +89,21 @@ def test_score_captions_equals_hf_loss_and_is_batch_invariant(student, tmp_path)
     assert not torch.allclose(other, batched[:1])
 
 
+def test_caption_logprobs_sliced_equals_full_logits(student, tmp_path):
+    """The logits_to_keep path equals log-softmax over the full [B,T,V] logits."""
+    from distill.eval.scoring import caption_logprobs
+
+    model, proc = student
+    imgs = [Image.open(p).convert("RGB") for p in _images(tmp_path, 2)]
+    batch, mask = build_caption_batch(proc, imgs, ["a red square", "two blue circles below a star"],
+                                      model.config.image_token_id)
+    with torch.no_grad():
+        fast = caption_logprobs(model, batch, mask)
+        full = token_logprobs(model(**batch).logits, batch["input_ids"], mask)
+    assert bool((fast[mask] < 0).all()) and bool((fast[~mask] == 0).all())
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
 def test_token_logprobs_reference():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7, dtype=torch.bfloat16)

@@ -37,6 +37,8 @@ def image():
 def test_profile_is_column_mean_and_grid():
     maps = torch.tensor([[[1.0, 0.0], [0.25, 0.75]]])  # (1, 2, 2)
     torch.testing.assert_close(visual_attention_profile(maps), torch.tensor([[0.625, 0.375]]))
+    # visible rows: column j averaged over the n - j rows i >= j
+    torch.testing.assert_close(visual_attention_profile(maps, visible_rows=True), torch.tensor([[0.625, 0.75]]))
     assert visual_attention_profile(torch.rand(3, 2, 5, 5, dtype=torch.bfloat16)).dtype == torch.float32
     assert grid_shape(64) == (8, 8) and grid_shape(729) == (27, 27)
     with pytest.raises(ValueError, match="square grid"):
@@ -98,7 +100,7 @@ def test_cli_attention_explicit_layers(tiny_models, image, tmp_path):
     image.save(img)
     out = main(["attention", "--teacher", str(tiny_models.teacher), "--student", str(tiny_models.student),
                 "--image", str(img), "--prompt", "What is left of the blue square?", "--out", str(tmp_path / "m.png"),
-                "--layers", "1", "3"])
+                "--layers", "1", "3", "--visible-rows"])
     with Image.open(out) as png:
         assert png.size == (900, 600)  # 2 matched layers, default 3-inch cells at 100 dpi
     with pytest.raises(SystemExit, match="does not exist"):

@@ -103,6 +103,41 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Te
     return out
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def caption_logprobs(model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+    """Run the model and return `token_logprobs` for the masked tokens.
+
+    Only the positions that predict a masked token are projected to the vocabulary (the model's
+    ``logits_to_keep`` with the union of those positions over the batch), so no [B, T, V] tensor is
+    formed for long image prompts; models without ``logits_to_keep`` fall back to full logits.
+
+    Args:
+        batch: model inputs with input_ids [B,T]; mask: [B,T] bool targets (mask[:, 0] False).
+    Returns:
+        [B,T] fp32 log-probabilities (0 off the mask).
+    """
+    ids = batch["input_ids"]
+    if not _accepts_logits_to_keep(model):
+        return token_logprobs(model(**batch).logits, ids, mask)
+    keep = (mask.nonzero(as_tuple=True)[1] - 1).unique()  # (P,) sorted prediction positions
+    logits = model(**batch, logits_to_keep=keep).logits  # (B, P, V)
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device)
+    b, t = mask.nonzero(as_tuple=True)
+    if b.numel():
+        col = torch.searchsorted(keep, t - 1)
+        sel = logits[b, col].float()  # (K, V)
+        out[b, t] = sel.log_softmax(-1).gather(1, ids[b, t].unsqueeze(1)).squeeze(1)
+    return out
+
+
 @torch.no_grad()
 def score_captions(model, processor, images: Sequence, captions: Sequence[str], *,
                    prompt: str = DEFAULT_CAPTION_PROMPT, batch_size: int = 8, reduction: str = "mean",
@@ -137,8 +172,7 @@ def score_captions(model, processor, images: Sequence, captions: Sequence[str], 
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         mask = mask.to(device)
-        logits = model(**batch).logits  # (B, T, V)
-        lp = token_logprobs(logits, batch["input_ids"], mask)  # (B, T)
+        lp = caption_logprobs(model, batch, mask)  # (B, T)
         total = lp.sum(1)
         scores.append((total / mask.sum(1)) if reduction == "mean" else total)
     if not scores:

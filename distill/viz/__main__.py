@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output PNG")
     a.add_argument("--layers", type=int, nargs="+", default=None, help="student layers (default: match_layers)")
     a.add_argument("--window", type=int, default=None, help="teacher window size per student layer")
+    a.add_argument("--visible-rows", action="store_true",
+                   help="average each image token's column over the query rows that can see it (no causal bias)")
     a.add_argument("--backend", default="auto", help="attention backend for the capture (distill.attention)")
     a.add_argument("--dtype", default="float32")
     a.add_argument("--device", default=None)
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None):
             teacher, t_proc = load_model_and_processor(args.teacher, dtype, args.device)
             student, s_proc = load_model_and_processor(args.student, dtype, args.device)
             out = attention_figure(teacher, student, t_proc, s_proc, image, args.prompt, args.out,
-                                   student_layers=args.layers, window=args.window, backend=args.backend)
+                                   student_layers=args.layers, window=args.window, backend=args.backend,
+                                   visible_rows=args.visible_rows)
     except (EvalDataError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {out}")

@@ -20,17 +20,23 @@ import torch
 from distill.eval.common import EvalDataError, image_token_id, model_device, render_chat, user_turn
 
 
-def visual_attention_profile(maps: torch.Tensor) -> torch.Tensor:
+def visual_attention_profile(maps: torch.Tensor, visible_rows: bool = False) -> torch.Tensor:
     """Attention received by each visual token.
 
     Args:
-        maps: [..., n, n] visual block (query rows, key columns).
+        maps: [..., n, n] causal visual block (query rows, key columns).
+        visible_rows: average column j over the n - j query rows that can see it (i >= j) instead
+            of all n rows; removes the causal bias towards early image tokens.
     Returns:
-        [..., n] fp32: the column mean over the n query rows.
+        [..., n] fp32: the column mean over the query rows.
     """
     if maps.dim() < 2 or maps.shape[-1] != maps.shape[-2]:
         raise ValueError(f"maps must be [..., n, n], got shape {tuple(maps.shape)}")
-    return maps.float().mean(dim=-2)
+    if not visible_rows:
+        return maps.float().mean(dim=-2)
+    n = maps.shape[-1]
+    rows = torch.arange(n, 0, -1, device=maps.device, dtype=torch.float32)  # (n,) = n - j
+    return maps.float().sum(dim=-2) / rows
 
 
 def grid_shape(n: int) -> tuple[int, int]:
@@ -88,12 +94,12 @@ def _depth(model) -> int:
 
 def attention_maps(teacher, student, teacher_processor, student_processor, image, prompt: str, *,
                    student_layers: Sequence[int] | None = None, window: int | None = None,
-                   backend: str = "auto") -> dict:
+                   backend: str = "auto", visible_rows: bool = False) -> dict:
     """Matched teacher and student visual-attention profiles for one image and prompt.
 
     Returns a dict with ``student_layers`` (list[int]), ``teacher_windows`` (list[list[int]]),
-    ``student`` [L, n] and ``teacher`` [L, n] fp32 profiles (`visual_attention_profile`; a teacher
-    window is the mean of its layers' maps), and ``grid`` (rows, cols).
+    ``student`` [L, n] and ``teacher`` [L, n] fp32 profiles (`visual_attention_profile` with
+    `visible_rows`; a teacher window is the mean of its layers' maps), and ``grid`` (rows, cols).
     """
     from distill.losses import match_layers
 
@@ -106,7 +112,8 @@ def attention_maps(teacher, student, teacher_processor, student_processor, image
         raise EvalDataError(f"student has {s_maps.shape[-1]} image tokens, teacher {t_maps.shape[-1]}; "
                             "the pair must share the image-token count")
     return {"student_layers": list(s_layers), "teacher_windows": [list(w) for w in t_windows],
-            "student": visual_attention_profile(s_maps), "teacher": visual_attention_profile(t_maps),
+            "student": visual_attention_profile(s_maps, visible_rows),
+            "teacher": visual_attention_profile(t_maps, visible_rows),
             "grid": grid_shape(s_maps.shape[-1])}
 
 
@@ -159,10 +166,11 @@ def render_attention(image, teacher: torch.Tensor, student: torch.Tensor, out: s
 
 def attention_figure(teacher, student, teacher_processor, student_processor, image, prompt: str,
                      out: str | os.PathLike, *, student_layers: Sequence[int] | None = None,
-                     window: int | None = None, backend: str = "auto") -> Path:
+                     window: int | None = None, backend: str = "auto", visible_rows: bool = False) -> Path:
     """`attention_maps` then `render_attention` (what ``python -m distill.viz attention`` runs)."""
     res = attention_maps(teacher, student, teacher_processor, student_processor, image, prompt,
-                         student_layers=student_layers, window=window, backend=backend)
+                         student_layers=student_layers, window=window, backend=backend,
+                         visible_rows=visible_rows)
     labels = [f"student L{s} / teacher L{','.join(map(str, w))}"
               for s, w in zip(res["student_layers"], res["teacher_windows"])]
     return render_attention(image, res["teacher"], res["student"], out, row_labels=labels)
