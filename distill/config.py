@@ -109,9 +109,6 @@ class ModelConfig:
     """Module name suffixes inside the language model that get LoRA adapters (llm=lora)."""
     gradient_checkpointing: bool = False
     """Non-reentrant activation checkpointing of the student's decoder layers."""
-    attn_backend: str = "auto"
-    """Attention capture backend (``distill.attention.install``): auto, flash_attn, sdpa_flash,
-    sdpa_efficient, cpu_flash, eager."""
 
     def __post_init__(self):
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -203,6 +200,8 @@ class TrainConfig:
         """True when the stage's recipe or its loss weights need teacher outputs."""
         if self.stage in TEACHER_STAGES:
             return True
+        if hasattr(self.loss, "needs_teacher"):
+            return bool(self.loss.needs_teacher())
         return any(float(getattr(self.loss, k, 0.0) or 0.0) > 0 for k in _teacher_loss_weights(self.loss))
 
 

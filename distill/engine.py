@@ -251,6 +251,35 @@ def teacher_ds_config(cfg: TrainConfig, hidden_size: int, world_size: int) -> di
 # ------------------------------------------------------------------------------ engines
 
 
+def _fix_zero_init_dtype():
+    """Work around a DeepSpeed bug (0.19.x): ``zero.Init(dtype=torch.float32)`` builds bf16
+    parameters on accelerators without fp16 support (CPU), because ``_set_dtype`` reads
+    ``dtype or fp16 if fp16_supported else bf16``. Model code that creates modules under
+    ``zero.Init(dtype=...)`` (e.g. the fetched projector) then mixes dtypes. Patched to honour an
+    explicit dtype; a no-op where the upstream code is already correct."""
+    import inspect
+
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    init_cls = pp.Init
+    try:
+        src = inspect.getsource(init_cls._set_dtype)
+    except (OSError, TypeError, AttributeError):
+        return
+    if "dtype or torch.float16 if" not in src or getattr(init_cls, "_distill_dtype_fix", False):
+        return
+    orig = init_cls._set_dtype
+
+    def _set_dtype(self, ds_config, dtype):
+        if dtype is not None:
+            self.dtype = dtype
+        else:
+            orig(self, ds_config, dtype)
+
+    init_cls._set_dtype = _set_dtype
+    init_cls._distill_dtype_fix = True
+
+
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int):
     """Linear warmup over ``warmup_steps`` (first step at lr/(warmup+1)), then linear decay
     reaching lr/(total-warmup) at the last step (never exactly 0 inside the run).
@@ -293,6 +322,7 @@ def build_engines(
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
+    _fix_zero_init_dtype()
     keep = []
     world = dist_info.world_size
     s_cfg = student_ds_config(cfg, student_hidden, world)

@@ -276,6 +276,7 @@ def train(cfg: TrainConfig) -> dict:
             counts[2] += mb["input_ids"].shape[0]
         E.all_reduce_sum(counts)  # global tokens / images / samples of this optimizer step
         num_tokens, num_images = counts[0].clamp(min=1), counts[1].clamp(min=1)
+        lr = engines.lr()  # the rate this step's update uses
         for mb in micro:
             out = objective(student_fn, teacher_fn if use_teacher else None, mb,
                             num_tokens=num_tokens, num_images=num_images)
@@ -311,7 +312,7 @@ def train(cfg: TrainConfig) -> dict:
             dt = time.perf_counter() - t_window
             last = {"step": done, "stage": cfg.stage,
                     **{k: vals[i] / window_steps for i, k in enumerate(LOSS_TERMS)},
-                    "lr": engines.lr(),
+                    "lr": lr,
                     "tokens_per_s": vals[-2] / dt, "samples_per_s": vals[-1] / dt,
                     "step_time_s": dt / window_steps,
                     "skipped_samples": int(skipped.item()), "nonfinite_steps": nonfinite_total}

@@ -1,0 +1,192 @@
+"""Config loading: YAML-relative paths, typed dotted overrides, errors naming the key, ZeRO dicts."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _write_yaml(folder: Path, stage=None, **sections) -> Path:
+    """A stage YAML whose model/data paths are relative to ``folder``."""
+    (folder / "models" / "student").mkdir(parents=True, exist_ok=True)
+    (folder / "models" / "teacher").mkdir(parents=True, exist_ok=True)
+    (folder / "data" / "shards").mkdir(parents=True, exist_ok=True)
+    doc = {
+        "run": {"output_dir": "out", "steps": 3},
+        "model": {"student": "models/student", "teacher": "models/teacher"},
+        "data": {"shards": ["data/shards"], "batch_size": 2},
+        "deepspeed": {"lr": 1e-3},
+    }
+    for k, v in sections.items():
+        doc.setdefault(k, {}).update(v)
+    if stage is not None:
+        doc["stage"] = stage
+    p = folder / "cfg" / "stage.yaml"
+    p.parent.mkdir(exist_ok=True)
+    # paths are relative to the YAML's folder (cfg/), so prefix ../
+    doc["run"]["output_dir"] = "../" + doc["run"]["output_dir"]
+    for k in ("student", "teacher"):
+        if doc["model"].get(k):
+            doc["model"][k] = "../" + doc["model"][k]
+    doc["data"]["shards"] = ["../" + s for s in doc["data"]["shards"]]
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def test_paths_resolve_relative_to_yaml_not_cwd(tmp_path, monkeypatch):
+    p = _write_yaml(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(p, [], stage=3)
+    assert cfg.model.student == str((tmp_path / "models" / "student").resolve())
+    assert cfg.model.teacher == str((tmp_path / "models" / "teacher").resolve())
+    assert cfg.data.shards == [str((tmp_path / "data" / "shards").resolve())]
+    assert cfg.run.output_dir == str((tmp_path / "out").resolve())
+    # a CLI override path is relative to the working directory, like any CLI argument
+    (elsewhere / "s2").mkdir()
+    cfg = load_config(p, ["model.student=s2"], stage=3)
+    assert cfg.model.student == str((elsewhere / "s2").resolve())
+
+
+def test_overrides_are_typed(tmp_path):
+    p = _write_yaml(tmp_path)
+    cfg = load_config(p, ["deepspeed.lr=2e-5", "run.steps=7", "run.tensorboard=true", "deepspeed.betas=[0.8,0.9]",
+                          "deepspeed.grad_clip=0", "model.llm=lora", "data.batch_size=4"], stage=3)
+    assert cfg.deepspeed.lr == pytest.approx(2e-5) and isinstance(cfg.deepspeed.lr, float)
+    assert cfg.run.steps == 7 and cfg.run.tensorboard is True
+    assert cfg.deepspeed.betas == [0.8, 0.9]
+    assert cfg.deepspeed.grad_clip == 0.0 and isinstance(cfg.deepspeed.grad_clip, float)
+    assert cfg.model.llm == "lora" and cfg.data.batch_size == 4
+
+
+@pytest.mark.parametrize("override, key", [
+    ("run.stepz=3", "run.stepz"),
+    ("run.steps=abc", "run.steps"),
+    ("run.steps=1.5", "run.steps"),
+    ("deepspeed.lr=fast", "deepspeed.lr"),
+    ("run.tensorboard=maybe", "run.tensorboard"),
+    ("deepspeed.zero_stage=1", "deepspeed.zero_stage"),
+    ("model.llm=half", "model.llm"),
+    ("model.dtype=int8", "model.dtype"),
+    ("nosection.key=1", "nosection"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("model.student=/does/not/exist", "model.student"),
+    ("deepspeed.config=/does/not/exist.json", "deepspeed.config"),
+    ("data.shards=[/no/such/shards]", "data.shards"),
+    ("model.teacher=null", "model.teacher"),
+])
+def test_bad_values_name_the_key(tmp_path, override, key):
+    p = _write_yaml(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, [override], stage=3)
+    assert key in str(e.value)
+
+
+def test_teacher_optional_only_where_the_stage_allows(tmp_path):
+    p = _write_yaml(tmp_path)
+    for stage in (1, 3):
+        with pytest.raises(ConfigError, match="model.teacher"):
+            load_config(p, ["model.teacher=null"], stage=stage)
+    cfg = load_config(p, ["model.teacher=null"] + _zero_teacher_weights(), stage=2)
+    assert cfg.model.teacher is None and not cfg.needs_teacher()
+
+
+def _zero_teacher_weights():
+    import dataclasses
+
+    from distill.config import _teacher_loss_weights
+    from distill.objective import LossConfig
+
+    return [f"loss.{k}=0" for k in _teacher_loss_weights(LossConfig())] + (
+        [] if not any(f.name == "lm_weight" for f in dataclasses.fields(LossConfig)) else [])
+
+
+def test_stage_mismatch_and_yaml_errors(tmp_path):
+    p = _write_yaml(tmp_path, stage=1)
+    with pytest.raises(ConfigError, match="stage"):
+        load_config(p, [], stage=3)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [1, 2]\n")
+    with pytest.raises(ConfigError, match="run"):
+        load_config(bad, [], stage=3)
+    with pytest.raises(ConfigError, match="--config"):
+        load_config(tmp_path / "missing.yaml", [], stage=3)
+
+
+def test_shipped_configs_parse():
+    for n in (1, 2, 3):
+        for name in (f"tiny_stage{n}.yaml", f"qwen_pair_stage{n}.yaml"):
+            cfg = load_config(REPO / "launch" / "configs" / name, [], stage=n, check_paths=False)
+            assert cfg.stage == n
+            # every path is absolute and anchored at the YAML's folder
+            assert Path(cfg.model.student).is_absolute()
+    tiny3 = load_config(REPO / "launch/configs/tiny_stage3.yaml", [], stage=3, check_paths=False)
+    tiny1 = load_config(REPO / "launch/configs/tiny_stage1.yaml", [], stage=1, check_paths=False)
+    # stage 3 starts from stage 2's output and stage 2 from stage 1's
+    assert tiny3.model.student.startswith(str(Path(tiny1.run.output_dir).parent))
+
+
+def test_deepspeed_dicts_fill_auto_from_yaml(tmp_path):
+    from distill.engine import student_ds_config, teacher_ds_config
+
+    p = _write_yaml(tmp_path)
+    cfg = load_config(p, ["deepspeed.grad_accum=3", "deepspeed.lr=3e-4", "model.dtype=bfloat16"], stage=3)
+    h = 96
+    s = student_ds_config(cfg, h, world_size=2)
+    flat = json.dumps(s)
+    assert '"auto"' not in flat
+    z = s["zero_optimization"]
+    assert z["stage"] == 3
+    assert z["reduce_bucket_size"] == h * h
+    assert z["stage3_prefetch_bucket_size"] == int(0.9 * h * h)
+    assert z["stage3_param_persistence_threshold"] == 10 * h
+    assert s["train_micro_batch_size_per_gpu"] == 2 and s["gradient_accumulation_steps"] == 3
+    assert s["train_batch_size"] == 2 * 3 * 2
+    assert s["optimizer"]["params"]["lr"] == pytest.approx(3e-4)
+    assert s["bf16"]["enabled"] is True and s["fp16"]["enabled"] is False
+    t = teacher_ds_config(cfg, 128, world_size=2)
+    assert t["zero_optimization"]["stage"] == 3 and "optimizer" not in t
+    assert t["zero_optimization"]["reduce_bucket_size"] == 128 * 128
+
+    z2 = student_ds_config(load_config(p, ["deepspeed.zero_stage=2"], stage=3), h, 2)
+    assert z2["zero_optimization"]["stage"] == 2
+    off = student_ds_config(load_config(p, ["deepspeed.offload=true"], stage=3), h, 2)
+    assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert off["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+    # a user JSON with an "auto" the trainer does not know names the key
+    custom = tmp_path / "custom.json"
+    custom.write_text(json.dumps({"zero_optimization": {"stage": 3}, "mystery": {"knob": "auto"}}))
+    with pytest.raises(ConfigError, match="mystery.knob"):
+        student_ds_config(load_config(p, [f"deepspeed.config={custom}"], stage=3), h, 2)
+    custom.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
+        student_ds_config(load_config(p, [f"deepspeed.config={custom}"], stage=3), h, 2)
+
+
+def test_cli_config_errors_fail_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """``main`` reports a bad key with exit code 2 and never reaches model building."""
+    import distill.engine
+    import distill.models
+    from distill import train
+
+    def boom(*a, **k):
+        raise AssertionError("a model/engine was built despite a config error")
+
+    monkeypatch.setattr(distill.models, "build_student", boom)
+    monkeypatch.setattr(distill.models, "build_teacher", boom)
+    monkeypatch.setattr(distill.engine, "build_engines", boom)
+    monkeypatch.setattr(distill.engine, "init_distributed", boom)
+    p = _write_yaml(tmp_path)
+    for override, key in [("run.stepz=1", "run.stepz"), ("model.teacher=null", "model.teacher"),
+                          ("deepspeed.lr=-1", "deepspeed.lr")]:
+        rc = train.main(stage=3, argv=["--config", str(p), override])
+        assert rc == train.EXIT_CONFIG
+        assert key in capsys.readouterr().err
+    os.environ.pop("RANK", None)
