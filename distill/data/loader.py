@@ -45,15 +45,25 @@ def _quota(total: int, worker: int, workers: int) -> int:
     return total // workers + (1 if worker < total % workers else 0)
 
 
-def _read_shards(paths: list[str], stats: SkipStats) -> Iterator[dict]:
-    """Raw WebDataset samples from tar files, in order; read errors are counted, not raised."""
+def _read_shards(shards: list[ShardInfo], stats: SkipStats) -> Iterator[dict]:
+    """Raw WebDataset samples from tar files, in order; read errors are counted, not raised.
+
+    A shard that yields fewer samples than its manifest says (e.g. cut at a tar block boundary,
+    which the tar reader takes for a clean end) is counted as ``shard_short``."""
     import webdataset as wds
 
     def handler(exn: Exception) -> bool:
         stats.add("shard_read_error", f"{type(exn).__name__}: {exn}")
         return True  # continue with the next sample / shard
 
-    yield from wds.tarfile_to_samples(handler=handler)(iter({"url": p} for p in paths))
+    for shard in shards:
+        n = 0
+        for raw in wds.tarfile_to_samples(handler=handler)(iter([{"url": shard.path}])):
+            n += 1
+            yield raw
+        if shard.num_samples is not None and n < shard.num_samples:
+            stats.add("shard_short", f"{shard.path}: read {n} of {shard.num_samples} samples (manifest)",
+                      n=shard.num_samples - n)
 
 
 def _shuffle(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -73,6 +83,21 @@ def _shuffle(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[
     yield from buf
 
 
+class _Counted:
+    """Iterator wrapper counting the items it passed on."""
+
+    def __init__(self, it: Iterator) -> None:
+        self.it, self.n = it, 0
+
+    def __iter__(self) -> "_Counted":
+        return self
+
+    def __next__(self):
+        item = next(self.it)
+        self.n += 1
+        return item
+
+
 class EpochStream(IterableDataset):
     """One epoch of batches for one rank (the dataset the DataLoader workers iterate)."""
 
@@ -84,53 +109,61 @@ class EpochStream(IterableDataset):
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         self.steps, self.skip_batches, self.with_keys = steps, skip_batches, with_keys
 
-    def reader_shards(self, worker: int, workers: int) -> list[str]:
+    def reader_shards(self, worker: int, workers: int) -> list[ShardInfo]:
         """The shards of reader ``(rank, worker)`` this epoch (non-resampled mode)."""
-        order = [s.path for s in self.shards]
+        order = list(self.shards)
         random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(order)
         return split_by_worker(split_by_node(order, self.rank, self.world_size), worker, workers)
 
-    def _raw(self, worker: int, workers: int, stats: SkipStats) -> Iterator[dict]:
+    def _passes(self, worker: int, workers: int, stats: SkipStats) -> Iterator[Iterator[dict]]:
+        """Raw-sample iterators, one per pass over this reader's shards (resampled: one endless pass).
+
+        The shuffle buffer is flushed at the end of each pass, so within an epoch a reader emits each
+        sample of its shards once before any repeats."""
         tag = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
         if self.cfg.resampled:
-            rng = random.Random(f"{tag}/resample")
-            paths = [s.path for s in self.shards]
-            empty_draws = 0
-            while True:
-                n = 0
-                for raw in _read_shards([rng.choice(paths)], stats):
-                    n += 1
-                    yield raw
-                empty_draws = 0 if n else empty_draws + 1
-                if empty_draws > 10 * len(paths) + 10:
-                    raise RuntimeError(f"data: {empty_draws} consecutive shard draws gave no sample; shards: {paths[:3]}...")
+            yield self._resampled(random.Random(f"{tag}/resample"), stats)
+            return
         mine = self.reader_shards(worker, workers)
         rng = random.Random(f"{tag}/cycle")
         cycle = 0
         while True:
             if cycle:
                 rng.shuffle(mine)
+            counted = _Counted(_read_shards(mine, stats))
+            yield counted
+            if counted.n == 0:
+                raise RuntimeError(
+                    f"data: reader (rank {self.rank}, worker {worker}) read no sample from its shards {[s.path for s in mine]}"
+                )
+            cycle += 1
+
+    def _resampled(self, rng: random.Random, stats: SkipStats) -> Iterator[dict]:
+        paths = list(self.shards)
+        empty_draws = 0
+        while True:
             n = 0
-            for raw in _read_shards(mine, stats):
+            for raw in _read_shards([rng.choice(paths)], stats):
                 n += 1
                 yield raw
-            if n == 0:
-                raise RuntimeError(f"data: reader (rank {self.rank}, worker {worker}) read no sample from its shards {mine}")
-            cycle += 1
+            empty_draws = 0 if n else empty_draws + 1
+            if empty_draws > 10 * len(paths) + 10:
+                raise RuntimeError(f"data: {empty_draws} consecutive shard draws gave no sample; shards: {[s.path for s in paths[:3]]}...")
 
     def _samples(self, worker: int, workers: int, stats: SkipStats):
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/shuffle")
         limit = 10_000
         streak = 0
-        for raw in _shuffle(self._raw(worker, workers, stats), self.cfg.shuffle_buffer, rng):
-            try:
-                yield self.encoder.encode(raw)
-                streak = 0
-            except SkipSample as e:
-                stats.add(e.reason, e.detail)
-                streak += 1
-                if streak >= limit:
-                    raise RuntimeError(f"data: {limit} consecutive samples were unusable; skip counts {stats.as_dict()}") from None
+        for raw_pass in self._passes(worker, workers, stats):
+            for raw in _shuffle(raw_pass, self.cfg.shuffle_buffer, rng):
+                try:
+                    yield self.encoder.encode(raw)
+                    streak = 0
+                except SkipSample as e:
+                    stats.add(e.reason, e.detail)
+                    streak += 1
+                    if streak >= limit:
+                        raise RuntimeError(f"data: {limit} consecutive samples were unusable; skip counts {stats.as_dict()}") from None
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -18,6 +18,7 @@ SKIP_REASONS = {
     "no_labels": "no assistant token left to learn from (after truncation)",
     "text_only_dropped": "text-only sample dropped (drop_text_only)",
     "shard_read_error": "a shard could not be read (count of read errors, not of samples)",
+    "shard_short": "samples missing from a shard compared with its manifest (truncated file)",
 }
 
 
