@@ -328,3 +328,15 @@ def test_cli_compositional_sugarcrepe(tiny_models, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--images"):
         main(["compositional", "--model", str(tiny_models.student), "--data", str(SUGARCREPE),
               "--images", str(tmp_path), "--no-progress"])
+
+
+def test_cli_vqa_on_instruct_shards(tiny_models, synth, tmp_path, capsys):
+    from distill.eval.__main__ import main
+
+    out = tmp_path / "vqa"
+    res = main(["vqa", "--model", str(tiny_models.student), "--data", str(synth / "instruct" / "shards"),
+                "--limit", "3", "--batch-size", "2", "--max-new-tokens", "3", "--out", str(out), "--no-progress"])
+    assert res["overall"]["total"] == 3 and "exact match" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "vqa_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(isinstance(r["prediction"], str) for r in rows)
+    assert json.loads((out / "vqa.json").read_text())["overall"]["hits"] == sum(r["hit"] for r in rows)

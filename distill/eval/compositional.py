@@ -18,7 +18,8 @@ Input layouts (`load_compositional`):
 - our synthetic split (``python -m data_prep synth``): records
   ``{"id", "image", "positive", "negatives": [{"caption", "category"}, ...]}`` as a JSON list,
   JSONL, or WebDataset shards (``<key>.json`` record + ``<key>.<ext>`` image bytes per sample);
-  image paths are relative to ``--images`` when given, else to the data file's folder.
+  image paths are relative to ``--images`` when given, else to the data file's folder (or its
+  ``images/`` subfolder, the ``data_prep synth`` layout).
 """
 
 from __future__ import annotations
