@@ -53,7 +53,7 @@ def _images(tmp_path, n=3):
 def test_caption_mask_covers_exactly_the_caption(student, tmp_path):
     model, proc = student
     imgs = [Image.open(p).convert("RGB") for p in _images(tmp_path, 2)]
-    caps = ["a red square above a blue circle", "green"]
+    caps = ["a red square above a blue circle", "im_end"]  # also occurs after the caption in ChatML
     batch, mask = build_caption_batch(proc, imgs, caps, model.config.image_token_id)
     assert mask.shape == batch["input_ids"].shape
     for b, cap in enumerate(caps):

@@ -23,16 +23,43 @@ def _caption_text(caption: str) -> str:
     return caption.strip()
 
 
-def _caption_token_indices(tokenizer, rendered: str, caption: str, image_id: int) -> tuple[list[int], list[int], int]:
-    """Token ids of `rendered` (placeholders not expanded), the indices of the caption's tokens, and
-    the index of the last image placeholder (-1 when none)."""
+_SENTINEL = "\u2063caption\u2063"
+
+
+def _caption_start(processor, prompt: str, rendered: str, caption: str) -> int:
+    """Character offset of the caption in the rendered conversation.
+
+    The conversation is rendered once more with a sentinel as the assistant text; the text before
+    the sentinel is the text before the caption (templates do not depend on the assistant text), so
+    a caption that also occurs elsewhere in the conversation cannot be confused with it.
+    """
+    probe = render_chat(processor, _conversation(prompt, _SENTINEL))
+    cut = probe.find(_SENTINEL)
+    if cut >= 0 and rendered.startswith(probe[:cut]) and rendered[cut:cut + len(caption)] == caption:
+        return cut
     start = rendered.rfind(caption)
     if start < 0:
         raise EvalDataError(
             f"the chat template changed the caption {caption!r} while rendering it; cannot locate its tokens"
         )
+    return start
+
+
+def _conversation(prompt: str, caption: str) -> list[dict]:
+    return [user_turn(prompt), {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
+
+
+def _caption_token_indices(tokenizer, rendered: str, start: int, caption: str,
+                           image_id: int) -> tuple[list[int], list[int], int]:
+    """Token ids of `rendered` (placeholders not expanded), the indices of the caption's tokens
+    (those overlapping characters [start, start + len(caption))), and the index of the last image
+    placeholder (-1 when none)."""
     end = start + len(caption)
-    enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise EvalDataError("caption scoring needs a fast tokenizer (character offsets); "
+                            "save the model with its tokenizer.json") from None
     ids = list(enc["input_ids"])
     idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < end]
     last_img = max((i for i, t in enumerate(ids) if t == image_id), default=-1)
@@ -60,10 +87,9 @@ def build_caption_batch(processor, images: Sequence, captions: Sequence[str], im
     texts, metas = [], []
     for cap in captions:
         cap = _caption_text(cap)
-        msgs = [user_turn(prompt), {"role": "assistant", "content": [{"type": "text", "text": cap}]}]
-        rendered = render_chat(processor, msgs)
+        rendered = render_chat(processor, _conversation(prompt, cap))
         texts.append(rendered)
-        metas.append(_caption_token_indices(tok, rendered, cap, image_id))
+        metas.append(_caption_token_indices(tok, rendered, _caption_start(processor, prompt, rendered, cap), cap, image_id))
     batch = processor(images=list(images), text=texts, padding=True, padding_side="right",
                       add_special_tokens=False, return_tensors="pt")
     ids, am = batch["input_ids"], batch["attention_mask"].bool()
