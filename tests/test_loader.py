@@ -84,6 +84,8 @@ def test_image_sample_matches_processor(processor, mixed):
     ref = processor(images=[img], text=[text], add_special_tokens=False, return_tensors="pt")
     assert got.input_ids.tolist() == ref["input_ids"][0].tolist()  # expansion == processor's own
     assert torch.equal(got.pixel_values, ref["pixel_values"][0])
+    again = enc.encode(raw)  # second time: cached expansion + image processor only
+    assert torch.equal(again.input_ids, got.input_ids) and torch.equal(again.pixel_values, got.pixel_values)
     img_pos = (got.input_ids == enc.image_token_id).nonzero().flatten()
     n = processor.tokenizer(text, add_special_tokens=False)["input_ids"].count(enc.image_token_id)
     assert n == 1 and img_pos.numel() == (ref["input_ids"][0] == enc.image_token_id).sum()

@@ -79,6 +79,7 @@ class SampleEncoder:
         if not getattr(tok, "is_fast", False):
             raise TemplateError("a fast tokenizer (offset mapping) is required to mask labels")
         self._list_content = False  # decided by the probe below
+        self._expansions: dict[tuple[int, int], list[int]] = {}  # image size -> placeholder expansion
         self._probe()
 
     # ---- template ---------------------------------------------------------------------------------
@@ -143,6 +144,22 @@ class SampleEncoder:
         return full, spans
 
     # ---- samples ------------------------------------------------------------------------------------
+    def _image_inputs(self, image: Any) -> tuple[list[int], torch.Tensor]:
+        """``(token expansion of one placeholder, pixel_values [3,H,W])`` for a PIL image.
+
+        The expansion comes from the full processor (image + bare placeholder text) and is cached by
+        the image's size, which is all it depends on; cached sizes only run the image processor."""
+        expansion = self._expansions.get(image.size)
+        if expansion is None or not hasattr(self.processor, "image_processor"):
+            out = self.processor(images=[image], text=[self.image_token], add_special_tokens=False, return_tensors="pt")
+            expansion = out["input_ids"][0].tolist()
+            if self.image_token_id not in expansion:
+                raise TemplateError("the processor's image expansion holds no image token")
+            if len(self._expansions) < 4096:
+                self._expansions[image.size] = expansion
+            return expansion, out["pixel_values"][0]
+        return expansion, self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
     def encode(self, raw: dict) -> Encoded:
         """Raw WebDataset sample -> ``Encoded``; raises ``SkipSample`` for unusable data."""
         try:
@@ -186,13 +203,11 @@ class SampleEncoder:
             if len(where) != 1:
                 raise SkipSample("image_token_mismatch", f"{key}: {len(where)} image placeholders (need 1)")
             try:
-                out = self.processor(images=[image], text=[self.image_token], add_special_tokens=False, return_tensors="pt")
+                expansion, pixel_values = self._image_inputs(image)
+            except TemplateError:
+                raise
             except Exception as e:
                 raise SkipSample("image_processor_error", f"{key}: {type(e).__name__}: {e}") from None
-            expansion = out["input_ids"][0].tolist()
-            if self.image_token_id not in expansion:
-                raise TemplateError("the processor's image expansion holds no image token")
-            pixel_values = out["pixel_values"][0]  # (3, H, W)
             p = where[0]
             ids = ids[:p] + expansion + ids[p + 1:]
             labels = labels[:p] + [IGNORE_INDEX] * len(expansion) + labels[p + 1:]
