@@ -36,29 +36,27 @@ def _gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def _visual_block(q, k, lse, vis_pos, scale):
-    """Recompute the visual block. Returns (P [B,Hk,G,n,n] fp32, qv [B,Hk,G,n,D] fp32, kv [B,Hk,n,D] fp32)."""
+    """Visual block P [B, Hq, n, n] fp32 (exp(scale q.k - lse), causal zeros)."""
     b, hq, _, d = q.shape
     hk = k.shape[1]
     g = hq // hk
     n = vis_pos.shape[1]
-    qv = _gather_rows(q, vis_pos).float().view(b, hk, g, n, d)  # (B, Hk, G, n, D)
-    kv = _gather_rows(k, vis_pos).float()  # (B, Hk, n, D)
-    s = torch.matmul(qv, kv[:, :, None].transpose(-1, -2)) * scale  # (B, Hk, G, n, n)
-    lse_v = lse.float().gather(2, vis_pos[:, None, :].expand(b, hq, n)).view(b, hk, g, n, 1)
-    blocked = vis_pos[:, None, :] > vis_pos[:, :, None]  # (B, n_i, n_j) key after query
-    p = torch.exp(s - lse_v).masked_fill(blocked[:, None, None], 0.0)
-    return p, qv, kv
+    qv = _gather_rows(q, vis_pos).float().reshape(b * hk, g * n, d)  # (B*Hk, G*n, D)
+    kv = _gather_rows(k, vis_pos).float().reshape(b * hk, n, d)  # (B*Hk, n, D)
+    neg_lse = -lse.float().gather(2, vis_pos[:, None, :].expand(b, hq, n)).reshape(b * hk, g * n, 1)
+    p = torch.baddbmm(neg_lse, qv, kv.transpose(1, 2), alpha=scale).exp_()  # (B*Hk, G*n, n)
+    p = p.view(b, hq, n, n)
+    blocked = vis_pos[:, None, :] > vis_pos[:, :, None]  # (B, n_i, n_j): key after query
+    return p.masked_fill_(blocked[:, None], 0.0)
 
 
 class _VisualAttentionProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, lse, vis_pos, scale, chunk_size):
-        p, _, _ = _visual_block(q, k, lse, vis_pos, scale)
-        ctx.save_for_backward(q, k, lse, vis_pos)
+        ctx.save_for_backward(q, k, lse, vis_pos)  # P is recomputed in backward: no per-head maps kept
         ctx.scale = scale
         ctx.chunk_size = chunk_size
-        b, hq, n = q.shape[0], q.shape[1], vis_pos.shape[1]
-        return p.reshape(b, hq, n, n)
+        return _visual_block(q, k, lse, vis_pos, scale)
 
     @staticmethod
     def backward(ctx, grad_p):
@@ -69,49 +67,55 @@ class _VisualAttentionProbs(torch.autograd.Function):
         g = hq // hk
         n = vis_pos.shape[1]
         dq = torch.zeros(b, hq, t, d, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(b, hk, t, d, dtype=torch.float32, device=k.device)
+        dk = torch.zeros(b * hk, t, d, dtype=torch.float32, device=k.device)
         if n == 0 or grad_p is None:
-            return dq.to(q.dtype), dk.to(k.dtype), None, None, None, None
+            return dq.to(q.dtype), dk.view(b, hk, t, d).to(k.dtype), None, None, None, None
 
-        p, qv, kv = _visual_block(q, k, lse, vis_pos, scale)  # (B,Hk,G,n,n), (B,Hk,G,n,D), (B,Hk,n,D)
-        pg = p * grad_p.float().view(b, hk, g, n, n)
-        dvec = pg.sum(-1)  # D_i: (B, Hk, G, n)
-
-        # Visual-block part: the P*G term of dS (the -P*D part is covered by the strips below).
-        dq_v = torch.matmul(pg, kv[:, :, None]) * scale  # (B, Hk, G, n, D)
-        dk_v = torch.einsum("bhgij,bhgid->bhjd", pg, qv) * scale  # (B, Hk, n, D)
-
-        # Strip part: -P_ij D_i over every visible key j, chunked over visual query rows.
         chunk = ctx.chunk_size
         if chunk is None:
             chunk = max(1, _STRIP_BUDGET // max(1, b * hq * t))
         chunk = max(1, min(int(chunk), n))
-        row_limit = vis_pos.amax(0).tolist()  # one host sync per backward: causal key limit per row
-        lse_v = lse.float().gather(2, vis_pos[:, None, :].expand(b, hq, n)).view(b, hk, g, n)
-        kf = k.float()
+        # one host sync per backward: per visual row, the largest / smallest position over the batch
+        row_max = vis_pos.amax(0).tolist()
+        row_min = vis_pos.amin(0).tolist()
+
+        qv = _gather_rows(q, vis_pos).float().view(b, hk, g, n, d)  # (B, Hk, G, n, D)
+        kv = _gather_rows(k, vis_pos).float().reshape(b * hk, n, d)  # (B*Hk, n, D)
+        kf = k.float().reshape(b * hk, t, d)  # (B*Hk, T, D); no copy for fp32 input
+        neg_lse = -lse.float().gather(2, vis_pos[:, None, :].expand(b, hq, n)).view(b, hk, g, n)
+
+        # Visual-key part of dS: P * G (the -P * D part of visual keys is in the strips below).
+        pg = _visual_block(q, k, lse, vis_pos, scale).mul_(grad_p.float()).view(b * hk, g * n, n)
+        dvec = pg.sum(-1).view(b, hk, g, n, 1)  # D_i
+        dq_v = torch.bmm(pg, kv).mul_(scale).view(b, hk, g, n, d)  # (B, Hk, G, n, D)
+        dk_v = torch.bmm(pg.view(b * hk, g, n, n).permute(0, 3, 1, 2).reshape(b * hk, n, g * n),
+                         qv.view(b * hk, g * n, d)).mul_(scale)  # (B*Hk, n, D)
+        del pg
+
+        # Strip part: -P_ij D_i over every visible key j, chunked over visual query rows.
         key_pos = torch.arange(t, device=q.device)
         for r0 in range(0, n, chunk):
             r1 = min(n, r0 + chunk)
             c = r1 - r0
-            klen = int(max(row_limit[r0:r1])) + 1
-            qc = qv[:, :, :, r0:r1]  # (B, Hk, G, c, D)
-            kc = kf[:, :, :klen]  # (B, Hk, L, D)
-            sc = torch.matmul(qc.reshape(b, hk, g * c, d), kc.transpose(-1, -2)) * scale  # (B, Hk, G*c, L)
-            sc = sc.view(b, hk, g, c, klen) - lse_v[:, :, :, r0:r1, None]
-            blocked = key_pos[:klen][None, None, :] > vis_pos[:, r0:r1, None]  # (B, c, L)
-            pc = torch.exp(sc).masked_fill(blocked[:, None, None], 0.0)  # (B, Hk, G, c, L)
-            del sc
-            dc = dvec[:, :, :, r0:r1, None]  # (B, Hk, G, c, 1)
-            # dq_i -= scale * D_i * sum_j P_ij k_j   (an attention product with V = K)
-            dq_v[:, :, :, r0:r1] -= torch.matmul(pc, kc[:, :, None]) * (dc * scale)
-            # dk_j += scale * sum_i P_ij X_i with X_i = -D_i q_i   (a dV-style product)
-            x = (-dc * qc).reshape(b, hk, g * c, d)
-            dk[:, :, :klen] += torch.matmul(pc.reshape(b, hk, g * c, klen).transpose(-1, -2), x) * scale
-            del pc
+            klen = int(max(row_max[r0:r1])) + 1  # keys past the chunk's last visual row are masked anyway
+            lo = int(min(row_min[r0:r1])) + 1  # keys before this are visible to every row of the chunk
+            qc = qv[:, :, :, r0:r1].reshape(b * hk, g * c, d)
+            kc = kf[:, :klen]  # (B*Hk, L, D)
+            # -D_i * exp(scale q.k - lse): the strip of dS over every key
+            pc = torch.baddbmm(neg_lse[:, :, :, r0:r1].reshape(b * hk, g * c, 1), qc, kc.transpose(1, 2), alpha=scale)
+            pc = pc.exp_().view(b, hk, g, c, klen)
+            if lo < klen:
+                blocked = key_pos[lo:klen][None, None, :] > vis_pos[:, r0:r1, None]  # (B, c, L - lo)
+                pc[..., lo:].masked_fill_(blocked[:, None, None], 0.0)
+            ds = pc.mul_(dvec[:, :, :, r0:r1].neg()).view(b * hk, g * c, klen)
+            # dq_i += scale * sum_j dS_ij k_j (attention with V = K); dk_j += scale * sum_i dS_ij q_i
+            dq_v[:, :, :, r0:r1].add_(torch.bmm(ds, kc).view(b, hk, g, c, d), alpha=scale)
+            dk[:, :klen].baddbmm_(ds.transpose(1, 2), qc, alpha=scale)
+            del pc, ds
 
-        dq.scatter_add_(2, vis_pos[:, None, :, None].expand(b, hq, n, d), dq_v.reshape(b, hq, n, d))
-        dk.scatter_add_(2, vis_pos[:, None, :, None].expand(b, hk, n, d), dk_v)
-        return dq.to(q.dtype), dk.to(k.dtype), None, None, None, None
+        dk.view(b, hk, t, d).scatter_add_(2, vis_pos[:, None, :, None].expand(b, hk, n, d), dk_v.view(b, hk, n, d))
+        dq.scatter_(2, vis_pos[:, None, :, None].expand(b, hq, n, d), dq_v.view(b, hq, n, d))
+        return dq.to(q.dtype), dk.view(b, hk, t, d).to(k.dtype), None, None, None, None
 
 
 def visual_attention_probs(
