@@ -16,11 +16,15 @@ ranks never disagree on batch counts, even when skips or uneven shards leave som
 the price in the default mode is that a few samples repeat or are left out in an epoch when shards
 do not divide evenly.
 
-Resume. ``state_dict()`` is ``{"epoch", "batches", ...}`` (batches handed out in the current epoch);
-``load_state_dict`` makes the next ``iter()`` re-create the same epoch stream and drop the first
-``batches`` batches inside the readers (they are read and encoded again but not collated or
-returned), so the continuation is exactly the uninterrupted stream. Finishing an epoch advances
-the state to ``{"epoch": e + 1, "batches": 0}``.
+Resume. ``state_dict()`` is ``{"epoch", "batches", "reader_pos", ...}``: batches handed out in the
+current epoch and, per reader, how many raw samples had left its shuffle buffer when its last
+handed-out batch was formed. ``load_state_dict`` makes the next ``iter()`` re-create the same epoch
+stream; each reader replays its shard reads and shuffle buffer (the buffer's choices depend on
+sample counts only, not content) and drops its first ``reader_pos`` raw samples without decoding
+them, so resuming costs tar reads, not image decoding, and continues exactly the uninterrupted
+stream. (A state without ``reader_pos`` falls back to re-encoding and dropping whole batches.)
+Finishing an epoch advances the state to ``{"epoch": e + 1, "batches": 0}``. Resuming needs the
+same shards, seed, world size, batch size and ``num_workers``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .shardlist import ShardInfo, resolve_shards, split_by_node, split_by_worker
 from .stats import SkipStats
 
 SKIPS_KEY = "_data_skips"  # per-batch skip-count delta shipped from readers, removed before yield
+POS_KEY = "_data_pos"  # (reader, raw samples emitted by its shuffle buffer), removed before yield
 KEYS_KEY = "sample_keys"  # only with build_loader(..., with_keys=True)
 
 
@@ -103,11 +108,12 @@ class EpochStream(IterableDataset):
 
     def __init__(self, shards: list[ShardInfo], encoder: SampleEncoder, cfg: DataConfig, *, rank: int,
                  world_size: int, seed: int, epoch: int, steps: int, skip_batches: int = 0,
-                 with_keys: bool = False) -> None:
+                 reader_pos: list[int] | None = None, with_keys: bool = False) -> None:
         super().__init__()
         self.shards, self.encoder, self.cfg = shards, encoder, cfg
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         self.steps, self.skip_batches, self.with_keys = steps, skip_batches, with_keys
+        self.reader_pos = reader_pos
 
     def reader_shards(self, worker: int, workers: int) -> list[ShardInfo]:
         """The shards of reader ``(rank, worker)`` this epoch (non-resampled mode)."""
@@ -150,12 +156,17 @@ class EpochStream(IterableDataset):
             if empty_draws > 10 * len(paths) + 10:
                 raise RuntimeError(f"data: {empty_draws} consecutive shard draws gave no sample; shards: {[s.path for s in paths[:3]]}...")
 
-    def _samples(self, worker: int, workers: int, stats: SkipStats):
+    def _samples(self, worker: int, workers: int, stats: SkipStats, pos: dict, skip_raw: int = 0):
+        """Encoded samples of one reader; ``pos["emitted"]`` counts raw samples taken from the shuffle
+        buffer so far (the first ``skip_raw`` are dropped undecoded: resume)."""
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/shuffle")
         limit = 10_000
         streak = 0
         for raw_pass in self._passes(worker, workers, stats):
             for raw in _shuffle(raw_pass, self.cfg.shuffle_buffer, rng):
+                pos["emitted"] += 1
+                if pos["emitted"] <= skip_raw:
+                    continue
                 try:
                     yield self.encoder.encode(raw)
                     streak = 0
@@ -169,17 +180,22 @@ class EpochStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         quota = _quota(self.steps, worker, workers)
-        skip = _quota(self.skip_batches, worker, workers)
+        done = _quota(self.skip_batches, worker, workers)  # batches of this reader already consumed
+        fast = self.reader_pos is not None
         stats = SkipStats()
-        samples = self._samples(worker, workers, stats)
+        pos = {"emitted": 0}
+        samples = self._samples(worker, workers, stats, pos, self.reader_pos[worker] if fast else 0)
         bs = self.cfg.batch_size
         enc = self.encoder
         for b in range(quota):
+            if fast and b < done:
+                continue
             batch = [next(samples) for _ in range(bs)]
-            if b < skip:
+            if b < done:
                 continue
             out = collate(batch, enc.pad_token_id, enc.image_token_id)
             out[SKIPS_KEY] = stats.drain()
+            out[POS_KEY] = (worker, pos["emitted"])
             if self.with_keys:
                 out[KEYS_KEY] = [s.key for s in batch]
             yield out
@@ -201,8 +217,9 @@ class StreamingLoader:
         self.encoder = SampleEncoder(processor, cfg.max_length, cfg.drop_text_only)
         self.stats = SkipStats()
         self.with_keys = with_keys
-        self.epoch, self.batches = epoch, 0
-        readers = max(1, cfg.num_workers)
+        readers = self.readers = max(1, cfg.num_workers)
+        self.epoch, self.batches, self.reader_pos = epoch, 0, [0] * readers
+        self._resume_pos: list[int] | None = None
         if cfg.samples_per_epoch is not None:
             per_rank = cfg.samples_per_epoch
         elif cfg.resampled or any(s.num_samples is None for s in self.shards):
@@ -230,14 +247,17 @@ class StreamingLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning at the next ``iter()``."""
-        self.epoch, self.batches = epoch, 0
+        self.epoch, self.batches, self.reader_pos = epoch, 0, [0] * self.readers
+        self._resume_pos = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, "steps_per_epoch": self.steps_per_epoch,
+        """JSON-serialisable data position (module docstring)."""
+        return {"epoch": self.epoch, "batches": self.batches, "reader_pos": list(self.reader_pos),
+                "readers": self.readers, "steps_per_epoch": self.steps_per_epoch,
                 "world_size": self.world_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("steps_per_epoch", "world_size", "seed"):
+        for k in ("steps_per_epoch", "world_size", "seed", "readers"):
             if k in state and state[k] != getattr(self, k):
                 raise ValueError(
                     f"data resume: saved {k}={state[k]} but this run has {k}={getattr(self, k)}; the data position "
@@ -247,23 +267,33 @@ class StreamingLoader:
         if not 0 <= state["batches"] <= self.steps_per_epoch:
             raise ValueError(f"data resume: batches={state['batches']} outside [0, {self.steps_per_epoch}]")
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        pos = state.get("reader_pos")
+        if pos is not None and len(pos) != self.readers:
+            raise ValueError(f"data resume: reader_pos has {len(pos)} entries, expected {self.readers}")
+        self.reader_pos = [int(p) for p in pos] if pos is not None else [0] * self.readers
+        self._resume_pos = list(self.reader_pos) if pos is not None and self.batches else None
 
     def __iter__(self) -> Iterator[dict]:
         if self.batches >= self.steps_per_epoch:
-            self.epoch, self.batches = self.epoch + 1, 0
+            self.set_epoch(self.epoch + 1)
+        if self.batches and self._resume_pos is None and any(self.reader_pos):
+            self._resume_pos = list(self.reader_pos)  # re-iterating a partly consumed epoch: continue it
         stream = EpochStream(self.shards, self.encoder, self.cfg, rank=self.rank, world_size=self.world_size,
                              seed=self.seed, epoch=self.epoch, steps=self.steps_per_epoch,
-                             skip_batches=self.batches, with_keys=self.with_keys)
+                             skip_batches=self.batches, reader_pos=self._resume_pos if self.batches else None,
+                             with_keys=self.with_keys)
         kw: dict = {}
         if self.cfg.num_workers > 0:
             kw = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
         loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers, **kw)
         for batch in loader:
             self.stats.update(batch.pop(SKIPS_KEY))
+            worker, emitted = batch.pop(POS_KEY)
+            self.reader_pos[worker] = int(emitted)
             self.stats.yielded += int(batch["input_ids"].shape[0])
             self.batches += 1
             yield batch
-        self.epoch, self.batches = self.epoch + 1, 0
+        self.set_epoch(self.epoch + 1)
 
 
 def build_loader(data_cfg: Any, processor: Any, *, rank: int, world_size: int, seed: int | None = None,
