@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass
 
 from .shards import PrepResult, prepare_llava
@@ -73,12 +74,12 @@ def true_relations(a: Obj, b: Obj) -> list[str]:
 
 
 def render(scene: list[Obj], size: int, rng: random.Random):
-    """Render at 4x and downsample (anti-aliased edges). Returns a PIL RGB image ``size x size``."""
+    """Render at 2x and downsample (anti-aliased edges). Returns a PIL RGB image ``size x size``."""
     from PIL import Image, ImageDraw
 
     import math
 
-    s = 4 * size
+    s = 2 * size
     shade = rng.randint(225, 250)
     img = Image.new("RGB", (s, s), (shade, shade, shade))
     draw = ImageDraw.Draw(img)
@@ -171,9 +172,7 @@ def _record(split: str, i: int, seed: int, size: int, images_dir: str) -> dict:
     scene = make_scene(rng)
     image = f"{i:07d}.png"
     path = os.path.join(images_dir, image)
-    img = render(scene, size, rng)
-    if not os.path.exists(path):
-        img.save(path, format="PNG")
+    render(scene, size, rng).save(path, format="PNG")  # always: a rerun with another seed/size must not keep stale images
     rec = {"id": rid, "image": image}
     if split == "caption":
         rec["conversations"] = [
@@ -215,18 +214,25 @@ def write_split_json(out_dir: str, split: str, num: int, seed: int, size: int) -
 
     ``data.json`` is rewritten only when its content changes (so a rerun can resume sharding).
     """
+    return _write_split_json(out_dir, split, num, seed, size)[0]
+
+
+def _write_split_json(out_dir: str, split: str, num: int, seed: int, size: int) -> tuple[str, bool]:
     split_dir = os.path.join(out_dir, split)
     images_dir = os.path.join(split_dir, "images")
     os.makedirs(images_dir, exist_ok=True)
     records = [_record(split, i, seed, size, images_dir) for i in range(num)]
     text = json.dumps(records, indent=1) + "\n"
     path = os.path.join(split_dir, "data.json")
-    if not (os.path.exists(path) and open(path, encoding="utf-8").read() == text):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    return path
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return path, False
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path, True
 
 
 def make_synthetic(out_dir: str, num: int, seed: int = 0, num_test: int | None = None, size: int = 96,
@@ -241,7 +247,10 @@ def make_synthetic(out_dir: str, num: int, seed: int = 0, num_test: int | None =
     counts = {"caption": num, "instruct": num, "compositional": num_test if num_test is not None else max(1, num // 4)}
     results = {}
     for split in SPLITS:
-        path = write_split_json(out_dir, split, counts[split], seed, size)
+        path, changed = _write_split_json(out_dir, split, counts[split], seed, size)
+        shards = os.path.join(out_dir, split, "shards")
+        if changed and os.path.isdir(shards):  # other seed/num/size: old shards are stale (synth owns the folder)
+            shutil.rmtree(shards)
         results[split] = prepare_llava(path, os.path.join(out_dir, split, "images"), os.path.join(out_dir, split, "shards"),
                                        shard_size=shard_size, workers=workers, progress=progress)
     return results

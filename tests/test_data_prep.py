@@ -183,6 +183,12 @@ def test_synth_deterministic_and_layout(tmp_path):
         # the positive's first object exists in the scene with that colour
         words = rec["positive"].split()
         assert {"color": words[1], "shape": words[2]} in [{"color": o["color"], "shape": o["shape"]} for o in rec["scene"]]
+    # rerun into the same folder with another seed replaces everything (no stale images or shards)
+    make_synthetic(str(tmp_path / "a"), num=12, seed=4, num_test=6, shard_size=5, progress=False)
+    for split in a:
+        assert (tmp_path / "a" / split / "shards" / MANIFEST).read_text().replace("/a/", "/c/") == \
+            (tmp_path / "c" / split / "shards" / MANIFEST).read_text()
+    make_synthetic(str(tmp_path / "a"), num=12, seed=3, num_test=6, shard_size=5, progress=False)
     # a larger --num extends a smaller one (scene i depends only on seed, split, i)
     make_synthetic(str(tmp_path / "d"), num=4, seed=3, num_test=2, shard_size=5, progress=False)
     small = json.loads((tmp_path / "d" / "instruct" / "data.json").read_text())
