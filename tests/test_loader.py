@@ -275,3 +275,31 @@ def test_truncated_shard_counted_against_manifest(processor, mixed, tmp_path):
     loader = build_loader(cfg(tmp_path, batch_size=2, samples_per_epoch=2), processor, rank=0, world_size=1, seed=0)
     assert len(list(loader)) == 1
     assert loader.stats.as_dict() == {"shard_short": 2}
+
+
+def test_list_content_templates_and_unusable_templates(processor):
+    import copy
+
+    from distill.data import TemplateError
+
+    base = SampleEncoder(processor, max_length=512)
+    msgs = [{"role": "user", "content": "<image>\nWhat shape?"}, {"role": "assistant", "content": "A star."}]
+    img = Image.new("RGB", (20, 20), (0, 200, 0))
+    ref = base.encode_messages(msgs, img)
+    # A llava-hf style template that only understands list content ({"type": "image"} items).
+    listy = copy.deepcopy(processor)
+    listy.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% for it in m['content'] %}"
+        "{% if it['type'] == 'image' %}{{ '<image>' }}{% elif it['type'] == 'text' %}{{ it['text'] }}{% endif %}"
+        "{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    enc = SampleEncoder(listy, max_length=512)
+    assert enc._list_content
+    conv = [{"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "A star."}]
+    got = enc.encode_messages(enc._messages(conv), img)
+    assert torch.equal(got.input_ids, ref.input_ids) and torch.equal(got.labels, ref.labels)
+    # A template whose prefixes are not prefixes of the full rendering cannot be masked: clear error.
+    rev = copy.deepcopy(processor)
+    rev.chat_template = "{% for m in messages|reverse %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(TemplateError, match="prefix-stable"):
+        SampleEncoder(rev, max_length=512)
