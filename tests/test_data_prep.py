@@ -1,6 +1,5 @@
 """data_prep: streaming JSON, LLaVA -> shards (counts, rejects, workers, resume), verify, synth."""
 
-import io
 import json
 import os
 import tarfile

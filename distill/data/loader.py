@@ -32,7 +32,6 @@ from __future__ import annotations
 import random
 from typing import Any, Iterator
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .collate import collate
