@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         images["Teacher vs student visual attention"] = figs / "attention.png"
         run.step("attention maps", [run.py, "-m", "distill.viz", "attention", "--teacher", str(teacher), "--student",
                                     str(student), "--image", str(image), "--prompt", "Describe the image.",
-                                    "--out", str(figs / "attention.png"), "--device", "cpu"],
+                                    "--out", str(figs / "attention.png"), "--device", "cpu", "--visible-rows"],
                  done=figs / "attention.png")
         for stage in ("stage1", "stage2", "stage3"):
             metrics = out / stage / "metrics.jsonl"
