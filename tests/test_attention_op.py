@@ -37,11 +37,15 @@ def _inputs(b=3, hq=4, hk=2, t=23, d=8, seed=0):
 
 # visual tokens at different offsets; sample 2 has no image (arange rows); a gap inside sample 1
 VIS = torch.tensor([[2, 3, 4, 5, 6], [9, 10, 11, 14, 15], [0, 1, 2, 3, 4]])
+# every sample one contiguous run (the fast backward path), incl. one ending at the last position
+VIS_CONTIG = torch.tensor([[2, 3, 4, 5, 6], [18, 19, 20, 21, 22], [0, 1, 2, 3, 4]])
 
 
+@pytest.mark.parametrize("vis", [VIS, VIS_CONTIG], ids=["gapped", "contiguous"])
 @pytest.mark.parametrize("chunk", [1, 3, 5, 64, None])
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)])
-def test_op_matches_eager_softmax(chunk, heads):
+def test_op_matches_eager_softmax(chunk, heads, vis):
+    VIS = vis
     hq, hk = heads
     q, k = _inputs(hq=hq, hk=hk)
     scale = 1 / math.sqrt(8)
