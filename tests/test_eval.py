@@ -104,6 +104,19 @@ def test_caption_logprobs_sliced_equals_full_logits(student, tmp_path):
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
 
 
+def test_user_turn_places_the_image_like_llava_json():
+    from distill.eval.common import user_turn
+
+    img, txt = {"type": "image"}, lambda t: {"type": "text", "text": t}
+    assert user_turn("Describe.")["content"] == [img, txt("\nDescribe.")]
+    assert user_turn("What is it?\n<image>")["content"] == [txt("What is it?\n"), img]
+    assert user_turn("Hi", with_image=False) == {"role": "user", "content": [txt("Hi")]}
+    with pytest.raises(EvalDataError, match="2 <image> placeholders"):
+        user_turn("<image><image>x")
+    with pytest.raises(EvalDataError, match="text-only"):
+        user_turn("<image>x", with_image=False)
+
+
 def test_token_logprobs_reference():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7, dtype=torch.bfloat16)
@@ -244,7 +257,7 @@ def test_vqa_reader_instruct_split(synth):
     for s, r in zip(samples, rows):
         human = next(t["value"] for t in r["conversations"] if t["from"] == "human")
         gpt = next(t["value"] for t in r["conversations"] if t["from"] == "gpt")
-        assert s.question == human.replace("<image>", "").strip() and s.answers == [gpt]
+        assert s.question == human and s.answers == [gpt]
         assert (s.image is None) == ("image" not in r)
     shards = load_vqa([str(synth / "instruct" / "shards")])
     assert [(s.id, s.question, s.answers) for s in shards] == [(s.id, s.question, s.answers) for s in samples]
@@ -278,7 +291,7 @@ def test_llava_question_file_with_answers_file(tmp_path):
     a = tmp_path / "answers.jsonl"
     a.write_text(json.dumps({"question_id": 1, "answer": "red"}) + "\n" + json.dumps({"question_id": "b", "answers": ["2", "two"]}))
     samples = load_vqa([str(q)], answers=a)
-    assert [(s.id, s.question, s.answers) for s in samples] == [("1", "What colour?", ["red"]), ("b", "How many?", ["2", "two"])]
+    assert [(s.id, s.question, s.answers) for s in samples] == [("1", "What colour?", ["red"]), ("b", "<image>\nHow many?", ["2", "two"])]
     assert samples[1].image.load().size == (27, 30)
     with pytest.raises(EvalDataError, match="no reference answer"):
         load_vqa([str(q)])

@@ -119,10 +119,31 @@ def image_token_id(model) -> int:
 # ----------------------------------------------------------------------------------------------
 # Prompts
 # ----------------------------------------------------------------------------------------------
+IMAGE_PLACEHOLDER = "<image>"  # as written in LLaVA JSON
+
+
 def user_turn(text: str, with_image: bool = True) -> dict:
-    """One user message in the processor's structured chat format (image first, then text)."""
-    content: list[dict[str, Any]] = [{"type": "image"}] if with_image else []
-    content.append({"type": "text", "text": text})
+    """One user message in the processor's structured chat format, LLaVA-JSON style.
+
+    The image goes where `text` holds the ``<image>`` placeholder (as the training data renders
+    LLaVA records); without a placeholder it goes first, followed by a newline (``"<image>\n" + text``,
+    the LLaVA convention). Text-only messages must not hold a placeholder.
+    """
+    count = text.count(IMAGE_PLACEHOLDER)
+    if not with_image:
+        if count:
+            raise EvalDataError(f"text-only prompt {text!r} holds an {IMAGE_PLACEHOLDER} placeholder")
+        return {"role": "user", "content": [{"type": "text", "text": text}]}
+    if count > 1:
+        raise EvalDataError(f"prompt {text!r} holds {count} {IMAGE_PLACEHOLDER} placeholders; one image per prompt")
+    if count == 0:
+        text = IMAGE_PLACEHOLDER + "\n" + text
+    content: list[dict[str, Any]] = []
+    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
     return {"role": "user", "content": content}
 
 

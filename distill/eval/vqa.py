@@ -9,11 +9,13 @@ Input layouts (`load_vqa`):
 
 - our Q/A split (LLaVA JSON list, JSONL, or shards from ``python -m data_prep``): records
   ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt",
-  "value": "A"}, ...]}``; the first human turn is the question (``<image>`` removed) and the first
-  gpt turn the reference answer. Records without an image are asked without one.
-- LLaVA-style question file: JSONL with ``{"question_id", "image", "text"}`` per line. Reference
-  answers come from an ``answer`` field on the line (a string or a list of acceptable strings), or
-  from ``--answers FILE``: JSONL with ``{"question_id", "answer"}`` per line (``answer`` a string or
+  "value": "A"}, ...]}``; the first human turn is the question and the first gpt turn the
+  reference answer. The image goes where the question holds ``<image>`` (as in training); records
+  without an image are asked without one.
+- LLaVA-style question file: JSONL with ``{"question_id", "image", "text"}`` per line; the image
+  goes first (``"<image>\\n" + text``) unless ``text`` places ``<image>`` itself. Reference answers
+  come from an ``answer`` field on the line (a string or a list of acceptable strings), or from
+  ``--answers FILE``: JSONL with ``{"question_id", "answer"}`` per line (``answer`` a string or
   list; ``answers`` also accepted) or a JSON object ``{question_id: answer}``.
 """
 
@@ -28,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from distill.eval.common import EvalDataError, ImageRef, model_device, read_json_or_jsonl, render_chat, resolve_image, user_turn
+from distill.eval.common import IMAGE_PLACEHOLDER, EvalDataError, ImageRef, model_device, read_json_or_jsonl, render_chat, resolve_image, user_turn
 
 _NUMBERS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -85,10 +87,11 @@ def _from_llava_record(rec, where: str, image: ImageRef | None, image_root, data
     rid = str(rec.get("id", where))
     if image is None and rec.get("image") is not None:
         image = resolve_image(rec["image"], image_root, data_dir, rid)
-    question = q.replace("<image>", "").strip()
-    if not question:
+    if not q.replace(IMAGE_PLACEHOLDER, "").strip():
         raise EvalDataError(f"{where}: the question is empty once <image> is removed")
-    return VQASample(id=rid, image=image, question=question, answers=_answer_list(a, where),
+    if image is None and IMAGE_PLACEHOLDER in q:
+        raise EvalDataError(f"{where}: the question holds <image> but the record has no image")
+    return VQASample(id=rid, image=image, question=q, answers=_answer_list(a, where),
                      category=rec.get("category") or rec.get("question_type"))
 
 
@@ -140,10 +143,12 @@ def load_vqa(data: Sequence[str] | str, image_root: str | os.PathLike | None = N
                 else:
                     raise EvalDataError(f"{where}: no reference answer; add an 'answer' field or pass --answers FILE")
                 text = rec.get("text")
-                if not isinstance(text, str) or not text.strip():
+                if not isinstance(text, str) or not text.replace(IMAGE_PLACEHOLDER, "").strip():
                     raise EvalDataError(f"{where}: field 'text' (the question) must be a non-empty string")
                 img = resolve_image(rec["image"], image_root, path.parent, qid) if rec.get("image") else None
-                samples.append(VQASample(id=qid, image=img, question=text.replace("<image>", "").strip(),
+                if img is None and IMAGE_PLACEHOLDER in text:
+                    raise EvalDataError(f"{where}: the question holds <image> but the line has no image")
+                samples.append(VQASample(id=qid, image=img, question=text,
                                          answers=refs, category=rec.get("category")))
             else:
                 samples.append(_from_llava_record(rec, where, None, image_root, path.parent))
