@@ -123,7 +123,7 @@ def test_curves_png_and_series(tmp_path):
     assert series["loss"][0][-1] == 6  # non-finite kept as a gap
     out = plot_curves(path, tmp_path / "c.png")
     with Image.open(out) as png:
-        assert png.size == (800, 5 * 250)
+        assert png.size == (2 * 800, 3 * 250)  # 5 metrics: 2-column grid
     from distill.viz.__main__ import main
 
     out = main(["curves", str(path), "--out", str(tmp_path / "d.png"), "--keys", "loss", "kd"])

@@ -1,7 +1,8 @@
 """Training curves from a metrics JSONL file (one JSON object per line, with a ``step`` key).
 
 Every numeric key other than the x key (``step``) gets its own panel (loss terms such as ``loss``,
-``lm``, ``kd``, ``attn`` differ in scale); lines without a key simply do not contribute to its
+``lm``, ``kd``, ``attn`` differ in scale, and throughput / lr / grad-norm keys are plotted too;
+``--keys`` picks a subset); lines without a key simply do not contribute to its
 panel, and non-finite values leave gaps.
 """
 
@@ -65,8 +66,9 @@ def plot_curves(metrics: str | os.PathLike | Sequence[dict], out: str | os.PathL
                 panel_inches: float = 2.5, dpi: int = 100) -> Path:
     """Write a PNG with one panel per metric over `x`.
 
-    Returns the path; the image is exactly (width_inches * dpi, K * panel_inches * dpi) pixels
-    for K plotted metrics.
+    Up to 4 metrics stack in one column; more fill a 2-column grid (row-major, in series order).
+    Returns the path; the image is exactly (C * width_inches * dpi, R * panel_inches * dpi) pixels
+    for C columns and R = ceil(K / C) rows of K plotted metrics.
     """
     import matplotlib
 
@@ -75,13 +77,18 @@ def plot_curves(metrics: str | os.PathLike | Sequence[dict], out: str | os.PathL
 
     rows = read_metrics(metrics) if isinstance(metrics, (str, os.PathLike)) else list(metrics)
     series = metric_series(rows, keys, x)
-    fig, axes = plt.subplots(len(series), 1, figsize=(width_inches, panel_inches * len(series)), dpi=dpi,
-                             sharex=True, squeeze=False)
-    for ax, (k, (xs, ys)) in zip(axes[:, 0], series.items()):
+    ncols = 1 if len(series) <= 4 else 2
+    nrows = math.ceil(len(series) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width_inches * ncols, panel_inches * nrows), dpi=dpi,
+                             squeeze=False)
+    flat = axes.flatten()
+    for ax, (k, (xs, ys)) in zip(flat, series.items()):
         ax.plot(xs, ys, marker="." if len(xs) < 50 else None, linewidth=1.2)
         ax.set_ylabel(k)
         ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel(x)
+        ax.set_xlabel(x)
+    for ax in flat[len(series):]:
+        ax.set_visible(False)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
