@@ -432,6 +432,11 @@ def _validate(cfg: TrainConfig, check_paths: bool):
         why = (f"stage {cfg.stage} ({cfg.stage_name}) distils from a teacher"
                if cfg.stage in TEACHER_STAGES else "a teacher loss weight is > 0")
         raise ConfigError(f"model.teacher: required because {why}; set model.teacher=PATH")
+    lm_w, kd_w = float(getattr(cfg.loss, "lm_weight", 1.0)), float(getattr(cfg.loss, "kd_weight", 0.0))
+    if cfg.deepspeed.zero_stage == 3 and lm_w == 0 and kd_w == 0:
+        raise ConfigError("loss.lm_weight: with loss.kd_weight=0 too, the loss skips the LM head and the last "
+                          "layers, which ZeRO-3's backward hooks do not support; keep lm_weight or kd_weight > 0 "
+                          "(a small value such as 1e-4 is enough) or use deepspeed.zero_stage=2")
     if cfg.run.resume not in ("auto", "never") and check_paths and not Path(cfg.run.resume).exists():
         raise ConfigError(f"run.resume: checkpoint folder does not exist: {cfg.run.resume}")
     if not check_paths:

@@ -80,11 +80,13 @@ def test_overrides_are_typed(tmp_path):
     ("deepspeed.config=/does/not/exist.json", "deepspeed.config"),
     ("data.shards=[/no/such/shards]", "data.shards"),
     ("model.teacher=null", "model.teacher"),
+    ("loss.kd_weight=0", "loss.lm_weight"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, key):
     p = _write_yaml(tmp_path)
+    extra = ["loss.lm_weight=0", "loss.attn_weight=1"] if override.startswith("loss.kd_weight") else []
     with pytest.raises(ConfigError) as e:
-        load_config(p, [override], stage=3)
+        load_config(p, [override] + extra, stage=3)
     assert key in str(e.value)
 
 
