@@ -353,3 +353,25 @@ def test_cli_vqa_on_instruct_shards(tiny_models, synth, tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "vqa_samples.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(isinstance(r["prediction"], str) for r in rows)
     assert json.loads((out / "vqa.json").read_text())["overall"]["hits"] == sum(r["hit"] for r in rows)
+
+
+def test_student_checkpoint_scores_like_its_export(tiny_models, tmp_path):
+    """--model accepts a training-form student checkpoint; it scores exactly like its export."""
+    from distill.eval.common import load_model_and_processor
+    from distill.export import export_student
+    from distill.models import build_student, load_processor, save_student_checkpoint
+
+    model = build_student(tiny_models.student, teacher_path=tiny_models.teacher, adapter_fetch=True)
+    with torch.no_grad():  # move the adapter off its initialisation so folding is not trivial
+        for p in model.model.multi_modal_projector.adapter.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = save_student_checkpoint(tmp_path / "ckpt", model, load_processor(tiny_models.student))
+    exported = export_student(ckpt, tmp_path / "export")
+    imgs = [Image.open(p).convert("RGB") for p in _images(tmp_path, 2)]
+    caps = ["a red square", "a blue circle"]
+    scores = []
+    for path in (ckpt, exported):
+        m, proc = load_model_and_processor(str(path), device="cpu")
+        assert not m.training
+        scores.append(score_captions(m, proc, imgs, caps))
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-5, atol=1e-5)

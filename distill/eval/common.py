@@ -93,10 +93,17 @@ def default_device() -> torch.device:
 
 
 def load_model_and_processor(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
-    """Load a stock HF LLaVA folder (via `distill.models`) for inference: eval mode, on `device`."""
-    from distill.models import load_processor, load_vlm
+    """Load a model folder (via `distill.models`) for inference: eval mode, on `device`.
 
-    model = load_vlm(path, dtype=dtype)
+    Accepts a stock HF LLaVA folder (teacher, exported student) and a student checkpoint in
+    training form (``save_student_checkpoint``; its fetched projector is folded on load).
+    """
+    from distill.models import is_student_checkpoint, load_processor, load_student_checkpoint, load_vlm
+
+    if is_student_checkpoint(path):
+        model = load_student_checkpoint(path, dtype=dtype, adapter_fetch=False)
+    else:
+        model = load_vlm(path, dtype=dtype)
     model.eval()
     model.to(torch.device(device) if device is not None else default_device())
     return model, load_processor(path)
