@@ -25,7 +25,6 @@ Input layouts (`load_compositional`):
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import tarfile
