@@ -1,0 +1,151 @@
+"""The three stages on 2 CPU ranks (ZeRO-3 student and teacher): chained through their final/
+folders into an exported HF student; kill -9 mid-run then the same command resumes from the last
+complete checkpoint with per-step losses equal to the uninterrupted run."""
+import json
+import math
+import random
+import time
+
+import pytest
+import torch
+
+from _dist_fixtures import REPO, make_inputs
+import _launch
+
+RANKS = 2
+TERMS = ("loss", "lm", "kd", "attn")
+
+
+def _metrics(path):
+    """step -> record; a resumed run re-logs steps, the last record of a step wins."""
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec
+    return out
+
+
+def _logs(root):
+    return "\n".join((root / f"rank{r}.log").read_text()[-3000:] for r in range(RANKS) if (root / f"rank{r}.log").exists())
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    paths = make_inputs(root, tiny_models)
+    rc = _launch.run(REPO / "tests" / "_ds_worker.py", ["chain", root, root / "paths.json"], nprocs=RANKS,
+                     log_dir=root, timeout=900)
+    assert rc == 0, _logs(root)
+    res = [json.loads((root / f"result_chain_rank{r}.json").read_text()) for r in range(RANKS)]
+    return root, paths, res
+
+
+def test_each_stage_runs_under_zero3_with_partitioned_models(chain):
+    root, paths, res = chain
+    for r in range(RANKS):
+        for stage in (1, 2, 3):
+            rep = res[r][f"stage{stage}"]
+            assert rep["zero_stage"] == 3
+            s = rep["student"]
+            assert s["n_partitioned"] == s["n_splittable"] > 0, s
+            t = rep["teacher"]
+            if stage == 2:
+                assert t is None  # SFT runs without a teacher
+            else:  # every teacher parameter is a shard on this rank
+                assert t["n_partitioned"] == t["n_splittable"] > 0, t
+                assert t["local_numel"] <= t["full_numel"] // RANKS + t["n_params"], t
+    for stage, steps in ((1, 2), (2, 2), (3, 4)):
+        m = _metrics(root / f"stage{stage}" / "metrics.jsonl")
+        assert sorted(m) == list(range(1, steps + 1))
+        for rec in m.values():
+            assert all(math.isfinite(rec[k]) for k in TERMS), rec
+            assert rec["tokens_per_s"] > 0 and rec["samples_per_s"] > 0 and rec["nonfinite_steps"] == 0
+        kd = [rec["kd"] for rec in m.values()]
+        attn = [rec["attn"] for rec in m.values()]
+        assert (min(kd) > 0) == (stage != 2)
+        assert (min(attn) > 0) == (stage == 3)  # the attention term only in stage 3
+
+
+def test_stages_chain_and_export_a_stock_hf_student(chain, tmp_path):
+    root, paths, res = chain
+    cfg2 = json.loads((root / "stage2" / "config_stage2.json").read_text())
+    cfg3 = json.loads((root / "stage3" / "config_stage3.json").read_text())
+    assert cfg2["model"]["student"] == str(root / "stage1" / "final")
+    assert cfg3["model"]["student"] == str(root / "stage2" / "final")
+    # checkpoints: keep_last, latest pointer, no tmp leftovers
+    ck = root / "stage3" / "checkpoints"
+    assert (ck / "latest").read_text() == "step00000004"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step00000002", "step00000004"]
+
+    from transformers import LlavaForConditionalGeneration
+
+    from distill.export import export_student
+
+    out = tmp_path / "hf"
+    export_student(root / "stage3" / "final", out)
+    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(model.model.multi_modal_projector).__module__.startswith("transformers.")
+    cfg = model.config
+    n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    ids = torch.cat([torch.full((1, n), cfg.image_token_id), torch.arange(10, 20)[None]], 1)
+    px = torch.zeros(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=px).logits
+    assert torch.isfinite(logits).all()
+
+
+def _stage3_cmd(root, paths, out):
+    ov = list(paths["common"]) + list(paths["extra3"]) + [f"model.student={root / 'stage2' / 'final'}",
+                                                          f"run.output_dir={out}"]
+    return REPO / "launch" / "stage3.py", ["--config", paths["yaml3"], *ov]
+
+
+def test_kill9_then_same_command_resumes_with_identical_losses(chain):
+    root, paths, _ = chain
+    out = root / "killed"
+    script, args = _stage3_cmd(root, paths, out)
+    logs = out / "logs"
+    logs.mkdir(parents=True)
+    procs = _launch.spawn(script, args, RANKS, logs)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not latest.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    assert latest.exists(), _logs(logs)
+    time.sleep(random.uniform(0.0, 1.0))  # a random moment after the first complete checkpoint
+    finished = all(p.poll() is not None for p in procs)
+    _launch.kill_group(procs, 9)
+    assert not finished and not (out / "final").exists(), "run ended before the kill; nothing was tested"
+    killed = _metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else {}
+
+    rc = _launch.run(script, args, RANKS, logs, timeout=600)
+    assert rc == 0, _logs(logs)
+    assert "resumed from" in (logs / "rank0.log").read_text()
+    resumed, ref = _metrics(out / "metrics.jsonl"), _metrics(root / "stage3" / "metrics.jsonl")
+    assert sorted(resumed) == sorted(ref) == [1, 2, 3, 4]
+    for step in ref:
+        for k in TERMS:
+            assert math.isclose(resumed[step][k], ref[step][k], rel_tol=1e-6, abs_tol=1e-9), (step, k, killed)
+    assert (out / "final").is_dir()
+
+
+def test_checkpoint_resolution_ignores_partial_saves(tmp_path):
+    """Only renamed folders with meta.json count; a lagging ``latest`` pointer is overtaken by a
+    newer complete checkpoint; an explicit folder must be complete."""
+    from distill.checkpoint import CheckpointError, CheckpointManager
+
+    ck = tmp_path / "checkpoints"
+    m = CheckpointManager(ck, 0, RANKS)
+    assert m.resolve("auto") is None and m.resolve("never") is None
+    (ck / "step00000002").mkdir(parents=True)
+    (ck / "step00000002" / "meta.json").write_text('{"step": 2, "world_size": 2}')
+    (ck / "latest").write_text("step00000002")
+    (ck / "step00000004.tmp").mkdir()  # killed mid-save
+    (ck / "step00000006").mkdir()  # no meta.json: not complete
+    assert m.resolve("auto").name == "step00000002"
+    (ck / "step00000004").mkdir()
+    (ck / "step00000004" / "meta.json").write_text('{"step": 4, "world_size": 2}')
+    assert m.resolve("auto").name == "step00000004"  # killed between rename and pointer move
+    assert m.resolve(str(ck)).name == "step00000002"  # a checkpoints folder follows its pointer
+    with pytest.raises(CheckpointError, match="run.resume"):
+        m.resolve(str(ck / "step00000006"))
