@@ -12,7 +12,9 @@ runs forward + backward of a loss:
                 loss = LM + alignment
   (c) none   -- fused kernels, no capture; loss = LM
 
-Step time: median of ``--steps`` steps after ``--warmup`` steps.  Peak memory: each (variant, T)
+Step time: median of ``--steps`` steps after ``--warmup`` steps, as process CPU time
+(``time.process_time``; with ``--threads 1`` it is the compute time and does not move when other
+jobs share the machine) and as wall-clock time.  Peak memory: each (variant, T)
 runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (so every tensor-sized
 allocation is an mmap that is returned on free and RSS follows live tensor memory); we report the
 peak RSS (``ru_maxrss``) minus the RSS measured just before the first step, i.e. the extra
@@ -94,14 +96,16 @@ def worker(variant: str, seq: int, steps: int, warmup: int, threads: int) -> dic
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     base = _rss_bytes()
-    times = []
+    times, walls = [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, w0 = time.process_time(), time.perf_counter()
         step()
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(time.process_time() - t0)
+            walls.append(time.perf_counter() - w0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"variant": variant, "seq": seq, "n_image": n, "time_s": statistics.median(times), "peak_bytes": peak}
+    return {"variant": variant, "seq": seq, "n_image": n, "time_s": statistics.median(times),
+            "wall_s": statistics.median(walls), "peak_bytes": peak}
 
 
 def main(argv=None) -> None:
@@ -133,14 +137,15 @@ def main(argv=None) -> None:
             print(f"  T={seq} {variant}: {results[-1]['time_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
 
     by = {(r["seq"], r["variant"]): r for r in results}
-    print("| T | n img | variant | step time (ms) | peak step mem (MiB) | time / (c) | mem / (c) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| T | n img | variant | CPU time (ms) | wall (ms) | peak step mem (MiB) | time / (c) | mem / (c) |")
+    print("|---|---|---|---|---|---|---|---|")
     for seq in args.seq:
         base = by[(seq, "none")]
         for v in VARIANTS:
             r = by[(seq, v)]
             print(
-                f"| {seq} | {r['n_image']} | {LABEL[v]} | {r['time_s'] * 1e3:.1f} | {r['peak_bytes'] / 2**20:.1f} | "
+                f"| {seq} | {r['n_image']} | {LABEL[v]} | {r['time_s'] * 1e3:.1f} | {r['wall_s'] * 1e3:.1f} | "
+                f"{r['peak_bytes'] / 2**20:.1f} | "
                 f"{r['time_s'] / base['time_s']:.2f}x | {r['peak_bytes'] / max(1, base['peak_bytes']):.2f}x |"
             )
     if args.json_out:

@@ -63,6 +63,22 @@ def test_op_matches_eager_softmax(chunk, heads, vis):
     torch.testing.assert_close(gk, rk, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("vis", [VIS, VIS_CONTIG], ids=["gapped", "contiguous"])
+def test_head_mean_matches_mean_of_heads(vis):
+    q, k = _inputs(hq=6, hk=2)
+    scale = 0.3
+    lse = _lse(q, k, scale).detach()
+    m = visual_attention_probs(q, k, lse, vis, scale, chunk_size=2, head_mean=True)
+    ref = _reference(q, k, vis, scale).mean(1)
+    assert m.shape == (3, 5, 5)
+    torch.testing.assert_close(m.double(), ref, atol=1e-6, rtol=1e-6)
+    w = torch.randn(m.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    g1 = torch.autograd.grad((m.double() * w).sum(), (q, k))
+    g2 = torch.autograd.grad((ref * w).sum(), (q, k))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_right_padding_valid_rows_exact():
     """Pad keys after the sequence end never enter valid rows under causal attention."""
     q, k = _inputs(b=2, t=20)

@@ -166,8 +166,8 @@ def _fused_attention(
         vis_pos = token.session.vis_pos
         if vis_pos.shape[1] > 0 and int(vis_pos.shape[0]) != query.shape[0]:
             raise ValueError(f"vis_pos has batch {vis_pos.shape[0]} but the forward has batch {query.shape[0]}")
-        probs = visual_attention_probs(query, key, lse, vis_pos, scaling, chunk_size=token.chunk_size)
-        token.deliver(probs.mean(dim=1))  # (B, n, n): heads averaged inside, per-head maps are freed
+        # (B, n, n): heads averaged inside the op, one KV group's maps at a time
+        token.deliver(visual_attention_probs(query, key, lse, vis_pos, scaling, token.chunk_size, head_mean=True))
     return out, None
 
 

@@ -125,6 +125,33 @@ class _VisualAttentionProbs(torch.autograd.Function):
         return dq.to(q.dtype), dk.view(b, hk, t, d).to(k.dtype), None, None, None, None
 
 
+class _VisualAttentionMean(torch.autograd.Function):
+    """Head-averaged visual block [B, n, n]; only one KV group's [B, G, n, n] exists at a time."""
+
+    @staticmethod
+    def forward(ctx, q, k, lse, vis_pos, scale, chunk_size):
+        ctx.save_for_backward(q, k, lse, vis_pos)
+        ctx.scale = scale
+        ctx.chunk_size = chunk_size
+        b, hq = q.shape[:2]
+        ctx.batch_heads = (b, hq)  # backward must read ctx.saved_tensors only once (checkpointing)
+        hk = k.shape[1]
+        g = hq // hk
+        n = vis_pos.shape[1]
+        acc = torch.zeros(b, n, n, dtype=torch.float32, device=q.device)
+        for h in range(hk):
+            hs = slice(h * g, (h + 1) * g)
+            acc += _visual_block(q[:, hs], k[:, h : h + 1], lse[:, hs], vis_pos, scale).sum(1)
+        return acc.div_(hq)
+
+    @staticmethod
+    def backward(ctx, grad_mean):
+        b, hq = ctx.batch_heads
+        n = grad_mean.shape[-1]
+        grad_p = (grad_mean.float() / hq)[:, None].expand(b, hq, n, n)  # d mean / d P_h = 1 / Hq
+        return _VisualAttentionProbs.backward(ctx, grad_p)
+
+
 def _backward_contiguous(q, k, lse, grad_p, starts, scale, chunk):
     """Backward when each sample's visual tokens are one contiguous run ``start_b + arange(n)``.
 
@@ -137,7 +164,7 @@ def _backward_contiguous(q, k, lse, grad_p, starts, scale, chunk):
     n = grad_p.shape[-1]
     dq = torch.zeros(b, hq, t, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(b, hk, t, d, dtype=torch.float32, device=k.device)
-    grad_p = grad_p.float().view(b, hk, g, n, n)
+    grad_p = grad_p.float().reshape(b, hk, g, n, n)  # a view, also for head-broadcast gradients
     rows = torch.arange(n, device=q.device)
     for bi, s0 in enumerate(starts):
         qb = q[bi, :, s0 : s0 + n].float().reshape(hk, g, n, d)  # (Hk, G, n, D)
@@ -174,6 +201,7 @@ def visual_attention_probs(
     vis_pos: torch.Tensor,
     scale: float,
     chunk_size: int | None = None,
+    head_mean: bool = False,
 ) -> torch.Tensor:
     """Visual-block attention probabilities with exact gradients in q and k.
 
@@ -188,8 +216,11 @@ def visual_attention_probs(
         chunk_size: visual query rows per backward strip (memory ~ B*Hq*chunk*T fp32);
             ``None`` picks one for a ~1 MiB strip on CPU, ~16 MiB on accelerators.
 
+        head_mean: return the mean over query heads, [B, n, n], without ever holding all heads'
+            maps (the capture path uses this; same values and gradients as ``.mean(1)``).
+
     Returns:
-        [B, Hq, n, n] fp32 probabilities ``P[b,h,i,j]`` (rows: visual queries, cols: visual keys),
+        [B, Hq, n, n] (or [B, n, n] with ``head_mean``) fp32 probabilities ``P[b,h,i,j]`` (rows: visual queries, cols: visual keys),
         zero above the causal diagonal.
     """
     if q.dim() != 4 or k.dim() != 4:
@@ -203,4 +234,5 @@ def visual_attention_probs(
         raise ValueError(f"vis_pos must be a [B,n] long tensor with B={b}; got {tuple(vis_pos.shape)} {vis_pos.dtype}")
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _VisualAttentionProbs.apply(q, k, lse.detach(), vis_pos.to(q.device), float(scale), chunk_size)
+    fn = _VisualAttentionMean if head_mean else _VisualAttentionProbs
+    return fn.apply(q, k, lse.detach(), vis_pos.to(q.device), float(scale), chunk_size)
