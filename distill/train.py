@@ -57,6 +57,21 @@ def text_hidden_size(path: str) -> int:
     return int(cfg.get_text_config().hidden_size)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MiB)."""
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kb / 1024.0
+
+
+def peak_accelerator_mb() -> float:
+    """Peak allocated accelerator memory of this process (MiB); 0 on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return 0.0
+
+
 def _image_token_id(path: str) -> int:
     from transformers import AutoConfig
 
@@ -382,13 +397,18 @@ def train(cfg: TrainConfig) -> dict:
             vals = acc.tolist()
             skipped = torch.tensor([sum(stream.skipped.values())], dtype=torch.float64, device=dev)
             E.all_reduce_sum(skipped)
+            peak = torch.tensor([peak_rss_mb(), peak_accelerator_mb()], dtype=torch.float64, device=dev)
+            E.all_reduce_max(peak)
             dt = time.perf_counter() - t_window
             last = {"step": done, "stage": cfg.stage,
                     **{k: vals[i] / window_steps for i, k in enumerate(LOSS_TERMS)},
                     "lr": lr,
                     "tokens_per_s": vals[-2] / dt, "samples_per_s": vals[-1] / dt,
                     "step_time_s": dt / window_steps,
-                    "skipped_samples": int(skipped.item()), "nonfinite_steps": nonfinite_total}
+                    "skipped_samples": int(skipped.item()), "nonfinite_steps": nonfinite_total,
+                    "peak_rss_mb": peak[0].item()}
+            if peak[1].item() > 0:
+                last["peak_accelerator_mb"] = peak[1].item()
             gn = engines.grad_norm()
             if gn is not None:
                 last["grad_norm"] = gn
