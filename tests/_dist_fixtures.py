@@ -24,7 +24,7 @@ def make_inputs(root: Path, tiny) -> dict:
         "yaml3": str(cfgs / "tiny_stage3.yaml"),
         "common": common + [f"model.student={tiny.student}", f"data.shards=[{synth / 'instruct' / 'shards'}]"],
         "extra1": ["run.steps=2", f"data.shards=[{synth / 'caption' / 'shards'}]"],
-        "extra2": ["run.steps=2"],
+        "extra2": ["run.steps=2", "model.llm=lora", "model.lora_r=4"],  # LoRA under ZeRO-3, merged at save
         "extra3": ["run.steps=4", "run.save_every=2"],
     }
     (root / "paths.json").write_text(json.dumps(paths))

@@ -72,6 +72,12 @@ def test_stages_chain_and_export_a_stock_hf_student(chain, tmp_path):
     cfg3 = json.loads((root / "stage3" / "config_stage3.json").read_text())
     assert cfg2["model"]["student"] == str(root / "stage1" / "final")
     assert cfg3["model"]["student"] == str(root / "stage2" / "final")
+    # stage 2 trained LoRA adapters under ZeRO-3; its final/ holds merged plain weights
+    from safetensors.torch import load_file
+
+    assert cfg2["model"]["llm"] == "lora"
+    sd2 = load_file(str(next((root / "stage2" / "final").glob("*.safetensors"))))
+    assert sd2 and not any("lora_" in k or "base_layer" in k for k in sd2)
     # checkpoints: keep_last, latest pointer, no tmp leftovers
     ck = root / "stage3" / "checkpoints"
     assert (ck / "latest").read_text() == "step00000004"
@@ -149,3 +155,23 @@ def test_checkpoint_resolution_ignores_partial_saves(tmp_path):
     assert m.resolve(str(ck)).name == "step00000002"  # a checkpoints folder follows its pointer
     with pytest.raises(CheckpointError, match="run.resume"):
         m.resolve(str(ck / "step00000006"))
+
+
+def test_lora_merge_matches_peft_forward():
+    """merge_lora_state_dict folds LoRA exactly like peft's own forward computes it."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from distill.train import merge_lora_state_dict
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5))
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=6, target_modules=["0", "2"]), net)
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)  # peft starts B at 0; make the adapter matter
+    merged = merge_lora_state_dict(net.state_dict(), scaling=6 / 2)
+    assert not any("lora" in k or "base_layer" in k for k in merged)
+    plain.load_state_dict(merged)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(plain(x), net(x), rtol=1e-5, atol=1e-5)
