@@ -140,10 +140,10 @@ def logit_kd_loss(
 
 def _profiles(s: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Column profiles: mean over the query axis of kept entries. [L,B,n,n] -> [L,B,n] (0 if none kept)."""
-    kf = keep.float()
-    count = kf.sum(-2)  # (L, B, n) kept entries per key column
-    denom = count.clamp(min=1.0)
-    return (s * kf).sum(-2) / denom, (t * kf).sum(-2) / denom
+    denom = keep.sum(-2).clamp(min=1).float()  # (L, B, n) kept entries per key column
+    zero = s.new_zeros(())
+    # torch.where keeps only the bool mask for backward (not a float copy of it)
+    return torch.where(keep, s, zero).sum(-2) / denom, torch.where(keep, t, zero).sum(-2) / denom
 
 
 def attention_alignment_loss(

@@ -119,8 +119,7 @@ def test_checkpointing_recompute_collects_once(monkeypatch):
         loss = (maps * w).sum() + out.logits.float().square().mean()
         loss.backward()  # outside the record block: the recompute must still run the capture ops
         assert len(calls) == (4 if ckpt else 2)  # checkpoint recompute re-ran the capture path
-        assert rec.maps is not None and len(rec._session.maps) == 2  # but collected once per layer
-        torch.testing.assert_close(rec.maps, maps)
+        assert rec.maps is maps and len(rec._session.maps) == 0  # the recompute delivered nothing new
         results.append((maps.detach(), _grads(model)))
     (m0, g0), (m1, g1) = results
     torch.testing.assert_close(m0, m1)

@@ -237,16 +237,22 @@ class Recording:
         self.layers = list(layers)
         self.vis_pos = session.vis_pos
         self.valid = session.valid
+        self._stacked: torch.Tensor | None = None
 
     @property
     def maps(self) -> torch.Tensor:
+        if self._stacked is not None:
+            return self._stacked
         missing = [i for i in self.layers if i not in self._session.maps]
         if missing:
             raise RuntimeError(
                 f"no visual attention was captured for layer(s) {missing}: did the forward run inside record(), "
                 "and was install(model) called so the fused attention function is used?"
             )
-        return torch.stack([self._session.maps[i] for i in self.layers])
+        if self._stacked is None:
+            self._stacked = torch.stack([self._session.maps[i] for i in self.layers])
+            self._session.maps.clear()  # keep one copy only (a recompute never delivers again)
+        return self._stacked
 
 
 class AttentionCapture:
