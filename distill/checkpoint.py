@@ -111,10 +111,12 @@ class CheckpointManager:
                    tmp / f"train_state_rank{self.rank}.pt")
         E.barrier()
         final = self.root / tag
+        # every rank checks (so all raise together instead of leaving others at a barrier)
+        missing = [r for r in range(self.world_size) if not (tmp / f"train_state_rank{r}.pt").is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {tmp}: rank {self.rank} cannot see the train state of ranks "
+                                  f"{missing}; run.output_dir must be on a filesystem shared by all nodes")
         if self.rank == 0:
-            missing = [r for r in range(self.world_size) if not (tmp / f"train_state_rank{r}.pt").is_file()]
-            if missing:
-                raise CheckpointError(f"checkpoint {tmp}: ranks {missing} wrote no train state (shared filesystem?)")
             meta = {"step": step, "world_size": self.world_size, **(extra_meta or {})}
             _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
             if final.exists():

@@ -480,10 +480,9 @@ def main(stage: int, argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    try:
-        from distill.models import ModelConfigError
-    except ImportError:  # pragma: no cover
-        ModelConfigError = ConfigError
+    from distill.checkpoint import CheckpointError
+    from distill.models import ModelConfigError
+
     try:
         cfg = load_config(args.config, args.overrides, stage=stage)
         preflight(cfg)
@@ -493,10 +492,15 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         train(cfg)
+        return 0
     except NonFiniteAbort as e:
         print(f"[distill] {e}", file=sys.stderr)
         return EXIT_NONFINITE
-    except ConfigError as e:
+    except (ConfigError, ModelConfigError, CheckpointError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    return 0
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -8,7 +8,6 @@ Several trainings share one launch to amortise process start-up. Each rank write
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -17,10 +16,6 @@ import torch
 from distill import engine as E
 from distill import train as T
 from distill.config import load_config
-
-
-def _params(paths: dict) -> dict:
-    return {k: str(v) for k, v in paths.items()}
 
 
 def _cfg(paths, stage, overrides):
