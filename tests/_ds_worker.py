@@ -96,7 +96,9 @@ def mode_accum(paths, out: Path, rank: int) -> dict:
     res = {}
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 2
     for name, ov in (("accum2_micro1", ["deepspeed.grad_accum=2", "data.batch_size=1"]),
-                     ("accum1_micro2", ["deepspeed.grad_accum=1", "data.batch_size=2"])):
+                     ("accum1_micro2", ["deepspeed.grad_accum=1", "data.batch_size=2"]),
+                     ("zero2_accum1_micro2", ["deepspeed.grad_accum=1", "data.batch_size=2",
+                                              "deepspeed.zero_stage=2"])):
         cfg = _cfg(paths, 3, list(paths["common"]) + ov + [f"run.output_dir={out / name}", "run.steps=1",
                                                          "deepspeed.warmup_steps=0", "run.log_every=1"])
         summary = T.train(cfg)
@@ -191,6 +193,7 @@ def main():
         res["world_size"] = d.world_size
         (out / f"result_{m}_rank{d.rank}.json").write_text(json.dumps(res, default=str, indent=1))
         E.barrier()
+    torch.distributed.destroy_process_group()
     return 0
 
 
