@@ -23,7 +23,7 @@ def make_inputs(root: Path, tiny) -> dict:
         "yaml1": str(cfgs / "tiny_stage1.yaml"), "yaml2": str(cfgs / "tiny_stage2.yaml"),
         "yaml3": str(cfgs / "tiny_stage3.yaml"),
         "common": common + [f"model.student={tiny.student}", f"data.shards=[{synth / 'instruct' / 'shards'}]"],
-        "extra1": ["run.steps=2", f"data.shards=[{synth / 'caption' / 'shards'}]"],
+        "extra1": ["run.steps=2", "run.tensorboard=true", f"data.shards=[{synth / 'caption' / 'shards'}]"],
         "extra2": ["run.steps=2", "model.llm=lora", "model.lora_r=4"],  # LoRA under ZeRO-3, merged at save
         "extra3": ["run.steps=4", "run.save_every=2"],
     }

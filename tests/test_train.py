@@ -54,6 +54,7 @@ def test_each_stage_runs_under_zero3_with_partitioned_models(chain):
             else:  # every teacher parameter is a shard on this rank
                 assert t["n_partitioned"] == t["n_splittable"] > 0, t
                 assert t["local_numel"] <= t["full_numel"] // RANKS + t["n_params"], t
+    assert list((root / "stage1" / "tb").glob("events.out.tfevents.*"))  # run.tensorboard=true in stage 1
     for stage, steps in ((1, 2), (2, 2), (3, 4)):
         m = _metrics(root / f"stage{stage}" / "metrics.jsonl")
         assert sorted(m) == list(range(1, steps + 1))
@@ -118,10 +119,11 @@ def test_kill9_then_same_command_resumes_with_identical_losses(chain):
     while not latest.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.05)
     assert latest.exists(), _logs(logs)
-    time.sleep(random.uniform(0.0, 1.0))  # a random moment after the first complete checkpoint
+    delay = random.uniform(0.0, 1.0)
+    time.sleep(delay)  # a random moment after the first complete checkpoint
     finished = all(p.poll() is not None for p in procs)
     _launch.kill_group(procs, 9)
-    assert not finished and not (out / "final").exists(), "run ended before the kill; nothing was tested"
+    assert not finished and not (out / "final").exists(), f"run ended before the kill ({delay=:.2f}s)"
     killed = _metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else {}
 
     rc = _launch.run(script, args, RANKS, logs, timeout=600)
@@ -131,7 +133,7 @@ def test_kill9_then_same_command_resumes_with_identical_losses(chain):
     assert sorted(resumed) == sorted(ref) == [1, 2, 3, 4]
     for step in ref:
         for k in TERMS:
-            assert math.isclose(resumed[step][k], ref[step][k], rel_tol=1e-6, abs_tol=1e-9), (step, k, killed)
+            assert math.isclose(resumed[step][k], ref[step][k], rel_tol=1e-6, abs_tol=1e-9), (step, k, delay, killed)
     assert (out / "final").is_dir()
 
 
