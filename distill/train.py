@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -438,13 +439,9 @@ def train(cfg: TrainConfig) -> dict:
             sd = merge_lora_state_dict(sd, mcfg.lora_alpha / mcfg.lora_r)
         tmp = out_dir / "final.tmp"
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         save_student_checkpoint(tmp, engines.student_model, processor, state_dict=sd)
         if final.exists():
-            import shutil
-
             shutil.rmtree(final)
         os.replace(tmp, final)
         _say(rank, f"stage {cfg.stage} done: student checkpoint in {final} "
