@@ -169,6 +169,38 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
+def measure(one, device, steps: int, warmup: int) -> tuple[float, int, int, object]:
+    """Run ``one()`` ``warmup`` times, then time ``steps`` calls.
+
+    Returns (median seconds, peak bytes, baseline bytes, last return value). Peak is the CUDA
+    allocator's peak, or on CPU the process's peak RSS after resetting the high-water mark.
+    """
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        one()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+            f.write("5")
+        base = _rss_kib("VmRSS") * 1024
+    times, last = [], None
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        last = one()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    return statistics.median(times), peak, base, last
+
+
 def run_variant(args) -> dict:
     """Child process: build, warm up, time ``--steps`` steps of one variant at one T."""
     import torch
@@ -201,32 +233,7 @@ def run_variant(args) -> dict:
         loss.backward()
         return loss
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(args.warmup):
-        one()
-    sync()
-    student.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-            f.write("5")
-        base = _rss_kib("VmRSS") * 1024
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        loss = one()
-        sync()
-        times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _rss_kib("VmHWM") * 1024
-    step_s = statistics.median(times)
+    step_s, peak, base, loss = measure(one, device, args.steps, args.warmup)
     tokens = args.batch_size * args.seq
     n_s = sum(p.numel() for p in student.parameters())
     n_t = sum(p.numel() for p in teacher.parameters())
@@ -241,7 +248,19 @@ def run_variant(args) -> dict:
         "step_s": step_s, "peak_bytes": peak, "step_extra_bytes": max(peak - base, 0), "base_bytes": base,
         "tokens_per_s": tokens / step_s, "model_tflops_per_s": flops / step_s / 1e12,
         "loss": float(loss.detach().float()), "student_params": n_s, "teacher_params": n_t,
+        "mfu": _mfu(flops / step_s, device),
     }
+
+
+def _mfu(flops_per_s: float, device) -> float | None:
+    """Model FLOP utilisation against the device's dense bf16 peak (CUDA devices we know)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return None if peak is None else flops_per_s / (peak * 1e12)
 
 
 # ----------------------------------------------------------------------------- kernel mode
@@ -291,29 +310,9 @@ def run_kernel(args) -> dict:
         loss = (out.float() * go.float()).sum() + (p.float() * gp).sum()
         loss.backward()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(args.warmup):
-        one()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss_kib("VmRSS") * 1024
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        one()
-        sync()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    step_s, peak, base, _ = measure(one, device, args.steps, args.warmup)
     return {"variant": args.variant, "seq": t, "image_tokens": n_img, "heads": hq, "head_dim": d,
-            "step_s": statistics.median(times), "step_extra_bytes": max(peak - base, 0), "peak_bytes": peak}
+            "step_s": step_s, "step_extra_bytes": max(peak - base, 0), "peak_bytes": peak}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -400,11 +399,11 @@ def render_table(rows: list[dict], meta: dict) -> str:
     head = f"{meta['mode']} benchmark, preset={meta['preset']}, {meta['device']}, {meta['dtype']}, B={meta['batch_size']}"
     by = {(r["seq"], r["variant"]): r for r in rows}
     out = [f"### {head}", "",
-           "| T | variant | step time | peak memory | step extra memory | tokens/s | model TFLOP/s | time / fused | extra mem / fused |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| T | variant | step time | peak memory | step extra memory | tokens/s | model TFLOP/s | MFU | time / fused | extra mem / fused |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['seq']} | {r['variant']} | {r['error']} | | | | | | |")
+            out.append(f"| {r['seq']} | {r['variant']} | {r['error']} | | | | | | | |")
             continue
         f = by.get((r["seq"], "fused"))
         tr = f"{r['step_s'] / f['step_s']:.2f}x" if f and "error" not in f else "-"
@@ -412,8 +411,9 @@ def render_table(rows: list[dict], meta: dict) -> str:
               if f and "error" not in f and f["step_extra_bytes"] else "-")
         tps = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
         tf = f"{r['model_tflops_per_s']:.2f}" if "model_tflops_per_s" in r else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         out.append(f"| {r['seq']} | {r['variant']} | {r['step_s'] * 1e3:,.1f} ms | {_fmt_bytes(r.get('peak_bytes'))} | "
-                   f"{_fmt_bytes(r['step_extra_bytes'])} | {tps} | {tf} | {tr} | {mr} |")
+                   f"{_fmt_bytes(r['step_extra_bytes'])} | {tps} | {tf} | {mfu} | {tr} | {mr} |")
     return "\n".join(out)
 
 
