@@ -45,12 +45,15 @@ def _zero3() -> bool:
 
 @contextlib.contextmanager
 def _new_params(dtype: torch.dtype):
-    """Context for creating new modules: ``zero.Init`` (partitioned, ``dtype``) under ZeRO-3."""
+    """Context for creating new modules: ``zero.Init`` (partitioned) under ZeRO-3, else nothing."""
     if _zero3():
         import deepspeed
         from transformers.integrations.deepspeed import deepspeed_config
 
-        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(), dtype=dtype):
+        # Like transformers: the DeepSpeed config decides the dtype (bf16/fp16 section, else fp32),
+        # so the new parameters match the rest of the partitioned model. (Passing ``dtype`` here
+        # is ignored on accelerators without fp16 in deepspeed 0.19.)
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
             yield
     else:
         yield

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from .loading import ModelConfigError, weight_files
 
@@ -28,8 +29,6 @@ class TeacherProjector(nn.Module):
 
     def __init__(self, in_features: int, hidden: int, act: str = "gelu", bias: bool = True):
         super().__init__()
-        from transformers.activations import ACT2FN
-
         if act not in ACT2FN:
             raise ModelConfigError(f"Unknown projector activation {act!r}; transformers knows {sorted(ACT2FN)}.")
         self.act_name = act
@@ -70,19 +69,14 @@ class FetchedProjector(nn.Module):
 
     def spec(self) -> dict:
         """Shapes and settings, as stored in a student checkpoint's metadata."""
-        lin1, adapter = self.teacher_projector.linear_1, self.adapter
+        lin1 = self.teacher_projector.linear_1  # in/out_features stay valid under ZeRO-3 partitioning
         return {
-            "in_features": lin1.in_features if not hasattr(lin1.weight, "ds_shape") else int(lin1.weight.ds_shape[1]),
-            "teacher_hidden": _out_features(lin1),
-            "student_hidden": _out_features(adapter),
+            "in_features": int(lin1.in_features),
+            "teacher_hidden": int(lin1.out_features),
+            "student_hidden": int(self.adapter.out_features),
             "act": self.teacher_projector.act_name,
             "bias": lin1.bias is not None,
         }
-
-
-def _out_features(lin: nn.Linear) -> int:
-    w = lin.weight
-    return int(w.ds_shape[0]) if hasattr(w, "ds_shape") else int(w.shape[0])
 
 
 def read_projector_weights(path: str | Path, role: str = "teacher") -> dict[str, torch.Tensor]:
@@ -160,8 +154,6 @@ def fold_projector(weights: dict[str, torch.Tensor], act: str, student_hidden: i
     Raises :class:`ModelConfigError` when ``Ht > Hs`` (not representable by the stock class) or
     when padding is needed but ``act(0) != 0``.
     """
-    from transformers.activations import ACT2FN
-
     w1 = weights["linear_1.weight"].float()
     w2 = weights["linear_2.weight"].float()
     pw = weights["adapter.weight"].float()
