@@ -86,8 +86,13 @@ class Runner:
             proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, bufsize=1)
             tail: list[str] = []
+            last_bar = 0.0
             for line in proc.stdout:
                 log.write(line)
+                if "%|" in line:  # progress bars: one line every few seconds is enough here
+                    if time.time() - last_bar < 10 and "100%|" not in line:
+                        continue
+                    last_bar = time.time()
                 if _interesting(line):
                     print("    " + line.rstrip()[:200], flush=True)
                 tail = (tail + [line])[-30:]
