@@ -80,6 +80,14 @@ class RunConfig:
                 raise ConfigError(f"run.{k}: must be >= 0, got {getattr(self, k)}")
         if self.keep_last < 1:
             raise ConfigError(f"run.keep_last: must be >= 1, got {self.keep_last}")
+        if self.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError(
+                    "run.tensorboard: true needs the tensorboard package; "
+                    "pip install tensorboard, or set run.tensorboard=false"
+                )
 
 
 @dataclass

@@ -192,3 +192,14 @@ def test_cli_config_errors_fail_before_any_model_loads(tmp_path, monkeypatch, ca
         assert rc == train.EXIT_CONFIG
         assert key in capsys.readouterr().err
     os.environ.pop("RANK", None)
+
+
+def test_tensorboard_without_package_fails_at_load(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    p = _write_yaml(tmp_path)
+    with pytest.raises(ConfigError, match="run.tensorboard.*pip install tensorboard"):
+        load_config(p, ["run.tensorboard=true"], stage=3)
+    assert load_config(p, ["run.tensorboard=false"], stage=3).run.tensorboard is False
