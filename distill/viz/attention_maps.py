@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from distill.eval.common import EvalDataError, image_token_id, model_device, render_chat, user_turn
+from distill.viz.curves import save_figure
 
 
 def visual_attention_profile(maps: torch.Tensor, visible_rows: bool = False) -> torch.Tensor:
@@ -156,12 +157,7 @@ def render_attention(image, teacher: torch.Tensor, student: torch.Tensor, out: s
                 ax.set_title(labels[r], fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi)
 
 
 def attention_figure(teacher, student, teacher_processor, student_processor, image, prompt: str,

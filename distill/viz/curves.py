@@ -89,6 +89,13 @@ def plot_curves(metrics: str | os.PathLike | Sequence[dict], out: str | os.PathL
         ax.set_xlabel(x)
     for ax in flat[len(series):]:
         ax.set_visible(False)
+    return save_figure(fig, out, dpi)
+
+
+def save_figure(fig, out: str | os.PathLike, dpi: int) -> Path:
+    """Lay out, write ``fig`` as PNG to ``out`` (parents created), close it; return the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
