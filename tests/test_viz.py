@@ -109,7 +109,7 @@ def test_cli_attention_explicit_layers(tiny_models, image, tmp_path):
 
 
 def test_curves_png_and_series(tmp_path):
-    rows = [{"step": s, "loss": 3.0 / (s + 1), "lm": 2.0 / (s + 1), "kd": 0.5, "attn": 0.1 * s, "tag": "train"}
+    rows = [{"step": s, "loss": 3.0 / (s + 1), "lm": 2.0 / (s + 1), "kd": 0.5, "attn": 0.1 * s, "tag": "train", "stage": 3}
             for s in range(6)]
     rows.insert(3, {"step": 2, "eval_acc": 0.5})
     rows.append({"step": 6, "loss": float("nan")})

@@ -41,15 +41,19 @@ def _numeric(v) -> bool:
     return isinstance(v, Real) and not isinstance(v, bool)
 
 
+# Bookkeeping fields of the training log that are numbers but not metrics.
+NOT_METRICS = ("stage",)
+
+
 def metric_series(rows: Sequence[dict], keys: Sequence[str] | None = None, x: str = "step") -> dict[str, tuple[list, list]]:
-    """{key: (xs, ys)} for every numeric key (or the given `keys`), in first-seen order."""
+    """{key: (xs, ys)} for every numeric key but `NOT_METRICS` (or the given `keys`), in first-seen order."""
     for i, r in enumerate(rows):
         if not _numeric(r.get(x)):
             raise ValueError(f"metrics line {i + 1} has no numeric {x!r} (keys: {sorted(r)})")
     if keys is None:
         keys = []
         for r in rows:
-            keys.extend(k for k, v in r.items() if k != x and k not in keys and _numeric(v))
+            keys.extend(k for k, v in r.items() if k != x and k not in keys and k not in NOT_METRICS and _numeric(v))
     series = {}
     for k in keys:
         pts = [(r[x], float(r[k])) for r in rows if _numeric(r.get(k))]
