@@ -10,7 +10,9 @@ layers of both, LM + logit-KD (+ attention alignment) losses. Three variants:
 
 Every (T, variant) point runs in a fresh subprocess so peak memory is clean: on CUDA the
 allocator's peak (``max_memory_allocated``), on CPU the process's peak RSS (VmHWM, reset after
-warm-up via /proc/self/clear_refs). Models are built from configs with random weights (no
+warm-up via /proc/self/clear_refs) taken from a second run in which glibc maps every large
+allocation on its own (``MALLOC_MMAP_THRESHOLD_``), so RSS follows live tensors; times on CPU
+come from the first, plain run because that setting slows allocation. Models are built from configs with random weights (no
 download): ``--preset tiny`` (CPU-sized but real architectures) or ``--preset real`` (a ~1.8B
 Qwen1.5-class student, a ~4B-class teacher, SigLIP-so400m tower at 384 px = 729 image tokens).
 
@@ -317,11 +319,20 @@ def run_kernel(args) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
-def _child(args, variant: str, seq: int) -> dict:
+def _child(args, variant: str, seq: int, rss_exact: bool = False) -> dict:
+    """One (variant, T) point in a fresh process.
+
+    ``rss_exact`` (CPU memory runs): every allocation of 64 KiB or more becomes its own mmap that
+    is returned on free, so RSS follows live tensor memory. That makes allocations slower, so
+    such a run measures memory only (one warm-up, one step) and times come from a plain run.
+    """
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--seq", str(seq)]
     for key in ("preset", "device", "dtype", "batch_size", "steps", "warmup", "mode", "threads", "backend"):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TOKENIZERS_PARALLELISM="false")
+        value = {"steps": 1, "warmup": 1}.get(key, getattr(args, key)) if rss_exact else getattr(args, key)
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if rss_exact:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -374,7 +385,12 @@ def main(argv=None) -> None:
     for seq in seqs:
         for variant in variants:
             print(f"[bench] mode={args.mode} T={seq} variant={variant} ...", file=sys.stderr, flush=True)
-            rows.append(_child(args, variant, seq))
+            row = _child(args, variant, seq)
+            if args.device == "cpu" and "error" not in row:
+                mem = _child(args, variant, seq, rss_exact=True)
+                for key in ("peak_bytes", "step_extra_bytes", "base_bytes"):
+                    row[key] = mem.get(key)
+            rows.append(row)
     meta = {
         "mode": args.mode, "preset": args.preset, "device": _device_name(args.device), "dtype": args.dtype,
         "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,

@@ -14,11 +14,13 @@ runs forward + backward of a loss:
 
 Step time: median of ``--steps`` steps after ``--warmup`` steps, as process CPU time
 (``time.process_time``; with ``--threads 1`` it is the compute time and does not move when other
-jobs share the machine) and as wall-clock time.  Peak memory: each (variant, T)
-runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (so every tensor-sized
-allocation is an mmap that is returned on free and RSS follows live tensor memory); we report the
-peak RSS (``ru_maxrss``) minus the RSS measured just before the first step, i.e. the extra
-memory of the training step (activations, gradients, temporaries) over the built model.
+jobs share the machine) and as wall-clock time.  Peak memory: each (variant, T) runs
+again (one warm-up, one step) in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (so
+every tensor-sized allocation is an mmap that is returned on free and RSS follows live tensor
+memory; this slows allocation, so the times come from the first, plain run); we report the
+peak RSS over the timed step (``VmHWM``, reset after warm-up) minus the RSS just before it, i.e. the extra
+memory of the training step (activations, gradients, temporaries) over the built model, and
+the whole process's peak RSS (model, gradients, runtime included).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,11 @@ LABEL = {"eager": "(a) eager output_attentions", "fused": "(b) fused capture", "
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _vm_hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
 
 
 def worker(variant: str, seq: int, steps: int, warmup: int, threads: int) -> dict:
@@ -95,17 +101,20 @@ def worker(variant: str, seq: int, steps: int, warmup: int, threads: int) -> dic
     # allocate grad buffers before the baseline so they are not counted as step memory
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    base = _rss_bytes()
     times, walls = [], []
     for i in range(warmup + steps):
+        if i == warmup:  # steady state: one-time allocations of the first steps are not step memory
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak (VmHWM) to the current RSS
+            base = _rss_bytes()
         t0, w0 = time.process_time(), time.perf_counter()
         step()
         if i >= warmup:
             times.append(time.process_time() - t0)
             walls.append(time.perf_counter() - w0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    total = _vm_hwm_bytes()
     return {"variant": variant, "seq": seq, "n_image": n, "time_s": statistics.median(times),
-            "wall_s": statistics.median(walls), "peak_bytes": peak}
+            "wall_s": statistics.median(walls), "peak_bytes": total - base, "peak_total_bytes": total}
 
 
 def main(argv=None) -> None:
@@ -122,31 +131,40 @@ def main(argv=None) -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     env.setdefault("DS_ACCELERATOR", "cpu")
+
+    def run_worker(variant, seq, steps, warmup, extra_env):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--seq", str(seq),
+               "--steps", str(steps), "--warmup", str(warmup), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, env=dict(env, **extra_env), capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            sys.exit(f"benchmark worker {variant} T={seq} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(line[-1][len("RESULT ") :])
+
     results = []
     for seq in args.seq:
         for variant in VARIANTS:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--seq", str(seq),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                sys.exit(f"benchmark worker {variant} T={seq} failed:\n{proc.stderr[-3000:]}")
-            results.append(json.loads(line[-1][len("RESULT ") :]))
+            res = run_worker(variant, seq, args.steps, args.warmup, {})  # times
+            mem = run_worker(variant, seq, 1, 1, {"MALLOC_MMAP_THRESHOLD_": "65536"})  # memory
+            res.update(peak_bytes=mem["peak_bytes"], peak_total_bytes=mem["peak_total_bytes"])
+            results.append(res)
             print(f"  T={seq} {variant}: {results[-1]['time_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
 
     by = {(r["seq"], r["variant"]): r for r in results}
-    print("| T | n img | variant | CPU time (ms) | wall (ms) | peak step mem (MiB) | time / (c) | mem / (c) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| T | n img | variant | CPU time (ms) | wall (ms) | peak step mem (MiB) | peak RSS (MiB) | time / (c) | "
+          "step mem / (c) | peak RSS / (c) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for seq in args.seq:
         base = by[(seq, "none")]
         for v in VARIANTS:
             r = by[(seq, v)]
             print(
                 f"| {seq} | {r['n_image']} | {LABEL[v]} | {r['time_s'] * 1e3:.1f} | {r['wall_s'] * 1e3:.1f} | "
-                f"{r['peak_bytes'] / 2**20:.1f} | "
-                f"{r['time_s'] / base['time_s']:.2f}x | {r['peak_bytes'] / max(1, base['peak_bytes']):.2f}x |"
+                f"{r['peak_bytes'] / 2**20:.1f} | {r['peak_total_bytes'] / 2**20:.1f} | "
+                f"{r['time_s'] / base['time_s']:.2f}x | {r['peak_bytes'] / max(1, base['peak_bytes']):.2f}x | "
+                f"{r['peak_total_bytes'] / base['peak_total_bytes']:.2f}x |"
             )
     if args.json_out:
         with open(args.json_out, "w") as f:
