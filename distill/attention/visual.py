@@ -69,23 +69,24 @@ class _VisualAttentionProbs(torch.autograd.Function):
         hk = k.shape[1]
         g = hq // hk
         n = vis_pos.shape[1]
-        dq = torch.zeros(b, hq, t, d, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(b * hk, t, d, dtype=torch.float32, device=k.device)
         if n == 0 or grad_p is None:
-            return dq.to(q.dtype), dk.view(b, hk, t, d).to(k.dtype), None, None, None, None
+            return (torch.zeros(b, hq, t, d, dtype=q.dtype, device=q.device),
+                    torch.zeros(b, hk, t, d, dtype=k.dtype, device=k.device), None, None, None, None)
 
         chunk = ctx.chunk_size
         if chunk is None:
             budget = _STRIP_BUDGET.get(q.device.type, _STRIP_BUDGET_DEFAULT)
             chunk = max(1, budget // max(1, b * hq * t))
         chunk = max(1, min(int(chunk), n))
-        # one host sync per backward: per visual row, the largest / smallest position over the batch
-        row_max = vis_pos.amax(0).tolist()
-        row_min = vis_pos.amin(0).tolist()
-        starts, ends = vis_pos[:, 0].tolist(), vis_pos[:, -1].tolist()
+        # one host sync per path: each sample's first / last visual position ...
+        starts, ends = torch.stack([vis_pos[:, 0], vis_pos[:, -1]]).tolist()
         if all(e - s0 == n - 1 for s0, e in zip(starts, ends)):  # increasing + span n-1: contiguous image
             return _backward_contiguous(q, k, lse, grad_p, starts, scale, chunk)
+        # ... and, off the contiguous path, per visual row the largest / smallest position over the batch
+        row_max, row_min = torch.stack([vis_pos.amax(0), vis_pos.amin(0)]).tolist()
 
+        dq = torch.zeros(b, hq, t, d, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(b * hk, t, d, dtype=torch.float32, device=k.device)
         qv = _gather_rows(q, vis_pos).float().view(b, hk, g, n, d)  # (B, Hk, G, n, D)
         kv = _gather_rows(k, vis_pos).float().reshape(b * hk, n, d)  # (B*Hk, n, D)
         kf = k.float().reshape(b * hk, t, d)  # (B*Hk, T, D); no copy for fp32 input
