@@ -46,6 +46,11 @@ def _path(default=None, **kw):
     return field(default=default, metadata={"path": True, **kw})
 
 
+def _not_path(default):
+    """A field whose name looks like a path (``*_file``, ...) but is not resolved (see ``_is_path_field``)."""
+    return field(default=default, metadata={"path": False})
+
+
 @dataclass
 class RunConfig:
     output_dir: str = _path("runs/out")
@@ -64,7 +69,7 @@ class RunConfig:
     """Synchronise and log metrics every N optimizer steps (the only host syncs of the loop)."""
     max_nonfinite_in_row: int = 5
     """Abort when more than this many optimizer steps in a row had a non-finite loss/gradient."""
-    metrics_file: str = "metrics.jsonl"
+    metrics_file: str = _not_path("metrics.jsonl")
     """Metrics JSONL file name, relative to output_dir."""
     tensorboard: bool = False
     """Also write TensorBoard scalars to ``output_dir/tb`` (needs the ``tensorboard`` package)."""
@@ -240,10 +245,10 @@ PATH_FIELD_SUFFIXES = ("_dir", "_path", "_file", "_root")
 
 
 def _is_path_field(f: dataclasses.Field) -> bool:
-    """Path fields: ``metadata={"path": True}``, or (for sections defined elsewhere) a name in
-    PATH_FIELD_NAMES or ending in one of PATH_FIELD_SUFFIXES."""
-    if f.metadata.get("path") or f.metadata.get("is_path"):
-        return True
+    """Path fields: as ``metadata["path"]`` says where set, else (for sections defined elsewhere)
+    a name in PATH_FIELD_NAMES or ending in one of PATH_FIELD_SUFFIXES."""
+    if "path" in f.metadata:
+        return bool(f.metadata["path"])
     return f.name in PATH_FIELD_NAMES or f.name.endswith(PATH_FIELD_SUFFIXES)
 
 

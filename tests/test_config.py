@@ -52,6 +52,9 @@ def test_paths_resolve_relative_to_yaml_not_cwd(tmp_path, monkeypatch):
     (elsewhere / "s2").mkdir()
     cfg = load_config(p, ["model.student=s2"], stage=3)
     assert cfg.model.student == str((elsewhere / "s2").resolve())
+    # a file name relative to output_dir is not a path field, despite its ``_file`` suffix
+    cfg = load_config(p, ["run.metrics_file=m.jsonl"], stage=3)
+    assert cfg.run.metrics_file == "m.jsonl"
 
 
 def test_overrides_are_typed(tmp_path):
