@@ -249,9 +249,8 @@ class Recording:
                 f"no visual attention was captured for layer(s) {missing}: did the forward run inside record(), "
                 "and was install(model) called so the fused attention function is used?"
             )
-        if self._stacked is None:
-            self._stacked = torch.stack([self._session.maps[i] for i in self.layers])
-            self._session.maps.clear()  # keep one copy only (a recompute never delivers again)
+        self._stacked = torch.stack([self._session.maps[i] for i in self.layers])
+        self._session.maps.clear()  # keep one copy only (a recompute never delivers again)
         return self._stacked
 
 
@@ -283,12 +282,12 @@ class AttentionCapture:
         self.layers = layers
         self.chunk_size = chunk_size
         self._session: _Session | None = None
-        self._handles = []
-        for i in layers:
-            layer = self.text.layers[i]
-            idx = getattr(layer.self_attn, "layer_idx", i)
-            self._handles.append(layer.register_forward_pre_hook(partial(self._pre_hook, idx), with_kwargs=True))
+        # the attention function knows a layer by its self_attn.layer_idx: key the maps by that
         self._layer_ids = [getattr(self.text.layers[i].self_attn, "layer_idx", i) for i in layers]
+        self._handles = [
+            self.text.layers[i].register_forward_pre_hook(partial(self._pre_hook, idx), with_kwargs=True)
+            for i, idx in zip(layers, self._layer_ids)
+        ]
 
     def _pre_hook(self, layer_idx, module, args, kwargs):
         if self._session is None:
