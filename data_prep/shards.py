@@ -5,7 +5,7 @@ Layout of ``OUT``::
     shard-000000.tar ...   WebDataset shards; sample key = 9-digit index of the record in the JSON
                            (no dots), members ``<key>.json`` (the record, verbatim) and, for image
                            records, ``<key>.<ext>`` (the image bytes as they are; ext from the
-                           decoded format: jpg, png, webp, ...)
+                           decoded format: jpg, png, webp, ..., ``img`` for any other format)
     manifest.json          per-shard ``num_samples``, ``bytes``, ``sha256`` and totals (below)
     rejects.jsonl          one ``{"index", "id", "reason", "detail"}`` per rejected record
     .prep/                 per-shard completion records (what makes a rerun resumable)
@@ -41,6 +41,9 @@ STATE_DIR = ".prep"
 MANIFEST_VERSION = 1
 
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+# Extensions of a sample's image member: what every shard reader (loader, verify, eval) looks for.
+# ``load_image`` writes only these (``img`` for formats outside ``_PIL_EXT``).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "img")
 
 
 def shard_name(index: int) -> str:
@@ -68,7 +71,7 @@ def load_image(path: str) -> tuple[bytes, str]:
                 raise ValueError(f"image has size {im.width}x{im.height}")
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError)
         raise ValueError(f"undecodable: {type(e).__name__}: {e}") from None
-    return data, _PIL_EXT.get(fmt, fmt.lower() or "img")
+    return data, _PIL_EXT.get(fmt, "img")
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

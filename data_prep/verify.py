@@ -15,9 +15,7 @@ import os
 import tarfile
 from collections import OrderedDict
 
-from .shards import MANIFEST, file_sha256
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "img")
+from .shards import IMAGE_EXTS, MANIFEST, file_sha256
 
 
 def _check_tar(path: str, name: str) -> tuple[int, list[str]]:

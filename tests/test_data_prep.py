@@ -162,6 +162,20 @@ def test_verify_catches_corruption(tmp_path, capsys):
     assert not any(shards[2]["name"] in p for p in problems)
 
 
+def test_other_image_format_is_stored_under_a_known_extension(tmp_path):
+    # PIL decodes PPM, but "ppm" is no image extension the shard readers know: it is stored as .img.
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(images / "a.ppm")
+    js = tmp_path / "data.json"
+    js.write_text(json.dumps([{"id": "a", "image": "a.ppm", "conversations": _conv()}]))
+    out = tmp_path / "out"
+    res = prepare_llava(str(js), str(images), str(out), progress=False)
+    assert res.num_samples == 1 and not res.num_rejects
+    assert sorted(read_tar(out / "shard-000000.tar")) == ["000000000.img", "000000000.json"]
+    assert verify_dir(str(out))[0] == []
+
+
 def test_synth_deterministic_and_layout(tmp_path):
     a = make_synthetic(str(tmp_path / "a"), num=12, seed=3, num_test=6, shard_size=5, progress=False)
     make_synthetic(str(tmp_path / "b"), num=12, seed=3, num_test=6, shard_size=5, progress=False)

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from data_prep.shards import IMAGE_EXTS
+
 IMAGE_PLACEHOLDER = "<image>"  # as written in LLaVA JSON
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "img")
 ROLE_MAP = {"human": "user", "gpt": "assistant"}
 IGNORE_INDEX = -100
 

@@ -35,9 +35,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from data_prep.shards import IMAGE_EXTS
 from distill.eval.common import DEFAULT_CAPTION_PROMPT, EvalDataError, ImageRef, read_json_or_jsonl, resolve_image
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 @dataclass
