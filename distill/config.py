@@ -211,20 +211,7 @@ class TrainConfig:
 
     def needs_teacher(self) -> bool:
         """True when the stage's recipe or its loss weights need teacher outputs."""
-        if self.stage in TEACHER_STAGES:
-            return True
-        if hasattr(self.loss, "needs_teacher"):
-            return bool(self.loss.needs_teacher())
-        return any(float(getattr(self.loss, k, 0.0) or 0.0) > 0 for k in _teacher_loss_weights(self.loss))
-
-
-def _teacher_loss_weights(loss_cfg) -> list[str]:
-    """Names of loss-weight fields whose terms need a teacher (everything but the LM term)."""
-    names = []
-    for f in dataclasses.fields(loss_cfg):
-        if f.name.endswith("weight") and not f.name.startswith("lm"):
-            names.append(f.name)
-    return names
+        return self.stage in TEACHER_STAGES or self.loss.needs_teacher()
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -444,8 +431,7 @@ def _validate(cfg: TrainConfig, check_paths: bool):
         why = (f"stage {cfg.stage} ({cfg.stage_name}) distils from a teacher"
                if cfg.stage in TEACHER_STAGES else "a teacher loss weight is > 0")
         raise ConfigError(f"model.teacher: required because {why}; set model.teacher=PATH")
-    lm_w, kd_w = float(getattr(cfg.loss, "lm_weight", 1.0)), float(getattr(cfg.loss, "kd_weight", 0.0))
-    if cfg.deepspeed.zero_stage == 3 and lm_w == 0 and kd_w == 0:
+    if cfg.deepspeed.zero_stage == 3 and cfg.loss.lm_weight == 0 and cfg.loss.kd_weight == 0:
         raise ConfigError("loss.lm_weight: with loss.kd_weight=0 too, the loss skips the LM head and the last "
                           "layers, which ZeRO-3's backward hooks do not support; keep lm_weight or kd_weight > 0 "
                           "(a small value such as 1e-4 is enough) or use deepspeed.zero_stage=2")
