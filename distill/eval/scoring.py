@@ -109,12 +109,16 @@ def build_caption_batch(processor, images: Sequence, captions: Sequence[str], im
     return dict(batch), mask
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probability of each masked target token under next-token prediction.
 
     Args:
-        logits: [B,T,V] (any float dtype; upcast to fp32 here), position t predicts token t+1.
+        logits: [B,T,V] (any float dtype; upcast to fp32 here), position t predicts token t+1; or,
+            with `positions`, [B,P,V] holding only the prediction positions `positions`.
         input_ids: [B,T] long; mask: [B,T] bool, targets to score (mask[:,0] must be False).
+        positions: [P] sorted long positions the logits were kept for (a model's ``logits_to_keep``);
+            must hold t - 1 for every masked t.
     Returns:
         [B,T] fp32, log p(input_ids[b,t] | prefix) where mask[b,t], 0 elsewhere.
     """
@@ -123,7 +127,8 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Te
     out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
     b, t = mask.nonzero(as_tuple=True)
     if b.numel():
-        sel = logits[b, t - 1].float()  # (K, V)
+        col = t - 1 if positions is None else torch.searchsorted(positions, t - 1)
+        sel = logits[b, col].float()  # (K, V)
         lp = sel.log_softmax(-1).gather(1, input_ids[b, t].unsqueeze(1)).squeeze(1)  # (K,)
         out[b, t] = lp
     return out
@@ -155,13 +160,7 @@ def caption_logprobs(model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
         return token_logprobs(model(**batch).logits, ids, mask)
     keep = (mask.nonzero(as_tuple=True)[1] - 1).unique()  # (P,) sorted prediction positions
     logits = model(**batch, logits_to_keep=keep).logits  # (B, P, V)
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device)
-    b, t = mask.nonzero(as_tuple=True)
-    if b.numel():
-        col = torch.searchsorted(keep, t - 1)
-        sel = logits[b, col].float()  # (K, V)
-        out[b, t] = sel.log_softmax(-1).gather(1, ids[b, t].unsqueeze(1)).squeeze(1)
-    return out
+    return token_logprobs(logits, ids, mask, positions=keep)
 
 
 @torch.no_grad()
