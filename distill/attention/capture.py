@@ -163,10 +163,8 @@ def _fused_attention(
 
     out, lse = attention_with_lse(query, key, value, scale=scaling, causal=True, backend=backend)
     if token is not None:
+        # (B, n, n): heads averaged inside the op, one KV group's maps at a time (it checks vis_pos against q)
         vis_pos = token.session.vis_pos
-        if vis_pos.shape[1] > 0 and int(vis_pos.shape[0]) != query.shape[0]:
-            raise ValueError(f"vis_pos has batch {vis_pos.shape[0]} but the forward has batch {query.shape[0]}")
-        # (B, n, n): heads averaged inside the op, one KV group's maps at a time
         token.deliver(visual_attention_probs(query, key, lse, vis_pos, scaling, token.chunk_size, head_mean=True))
     return out, None
 
