@@ -40,7 +40,7 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from distill.attention.kernels import BACKENDS, _expand_kv, attention_with_lse
+from distill.attention.kernels import _check_backend, _expand_kv, attention_with_lse
 from distill.attention.visual import visual_attention_probs
 
 __all__ = ["AttentionCapture", "Recording", "install", "text_decoder_layers", "implementation_name"]
@@ -51,8 +51,7 @@ _PREFIX = "distill_"
 
 def implementation_name(backend: str) -> str:
     """The name registered with transformers for ``backend`` (``"auto"`` included)."""
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    _check_backend(backend)
     return _PREFIX + backend
 
 

@@ -51,10 +51,14 @@ def _flash_attn_module():
     return None, 0
 
 
+def _check_backend(backend: str) -> None:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Pick a concrete backend name for tensors on ``device`` with ``dtype``."""
-    if backend not in BACKENDS + ("auto",):
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    _check_backend(backend)
     if backend != "auto":
         if backend == "cpu_flash" and device.type != "cpu":
             raise ValueError(f"backend 'cpu_flash' needs CPU tensors, got device {device}")
