@@ -1,17 +1,22 @@
-"""Shared helpers of the evaluation tools: errors, image loading, model loading, prompts, output.
+"""Shared helpers of the evaluation tools: errors, images, data files and shards, models, prompts, output.
 
 Nothing here knows about a particular benchmark; `compositional.py` and `vqa.py` build on it.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import tarfile
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+
+from data_prep.shards import IMAGE_EXTS, MANIFEST, REJECTS
 
 DEFAULT_CAPTION_PROMPT = "Describe the image."
 
@@ -72,6 +77,68 @@ def resolve_image(name: str, image_root: str | os.PathLike | None, data_dir: str
             base = Path(data_dir) if data_dir is not None else Path(".")
             p = base / p if (base / p).exists() or not (base / "images" / p).exists() else base / "images" / p
     return ImageRef(path=str(p), name=record)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data files
+# ----------------------------------------------------------------------------------------------
+def expand_paths(data: Sequence[str]) -> list[Path]:
+    """Files named by `data`: files, globs, `{a..b}` ranges, folders (their *.tar shards, else their
+    *.json / *.jsonl files)."""
+    from braceexpand import braceexpand
+
+    out: list[Path] = []
+    for d in data:
+        for item in braceexpand(str(d)):
+            p = Path(item)
+            if p.is_dir():
+                found = sorted(f for f in p.iterdir() if f.suffix == ".tar")
+                if not found:  # no shards: the JSON files (not the shard bookkeeping files)
+                    found = sorted(f for f in p.iterdir() if f.suffix in (".json", ".jsonl")
+                                   and f.name not in (MANIFEST, REJECTS))
+                if not found:
+                    raise EvalDataError(f"folder {str(p)!r} holds no .json, .jsonl or .tar files")
+                out.extend(found)
+            elif p.is_file():
+                out.append(p)
+            elif any(ch in item for ch in "*?["):
+                hits = sorted(Path(h) for h in glob.glob(item))
+                if not hits:
+                    raise EvalDataError(f"pattern {item!r} matches no file")
+                out.extend(hits)
+            else:
+                raise EvalDataError(f"data path {item!r} does not exist")
+    return out
+
+
+def iter_shard(path: Path) -> Iterator[tuple[str, Any, ImageRef | None]]:
+    """(key, record, image or None) per sample of a WebDataset shard (members grouped by key)."""
+    groups: dict[str, dict[str, bytes]] = defaultdict(dict)
+    order: list[str] = []
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = os.path.basename(m.name)
+                key, _, ext = base.partition(".")
+                key = os.path.join(os.path.dirname(m.name), key)
+                if key not in groups:
+                    order.append(key)
+                groups[key][ext.lower()] = tar.extractfile(m).read()
+    except tarfile.TarError as e:
+        raise EvalDataError(f"{path}: not a readable tar shard ({e})") from None
+    for key in order:
+        members = groups[key]
+        if "json" not in members:
+            raise EvalDataError(f"{path}: sample {key!r} has no .json member")
+        try:
+            rec = json.loads(members["json"])
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{path}: sample {key!r}: .json member is not valid JSON ({e.msg})") from None
+        img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        name = str(rec.get("id", key)) if isinstance(rec, dict) else key
+        yield key, rec, ImageRef(data=img, name=name) if img is not None else None
 
 
 # ----------------------------------------------------------------------------------------------

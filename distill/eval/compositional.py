@@ -24,19 +24,23 @@ Input layouts (`load_compositional`):
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
-from data_prep.shards import IMAGE_EXTS
-from distill.eval.common import DEFAULT_CAPTION_PROMPT, EvalDataError, ImageRef, read_json_or_jsonl, resolve_image
+from distill.eval.common import (
+    DEFAULT_CAPTION_PROMPT,
+    EvalDataError,
+    ImageRef,
+    expand_paths,
+    iter_shard,
+    read_json_or_jsonl,
+    resolve_image,
+)
 
 
 @dataclass
@@ -103,45 +107,14 @@ def _synthetic_sample(rec, where: str, image: ImageRef | None, image_root, data_
     return CompoSample(id=rid, image=image, positive=_need_str(rec, "positive", where), negatives=negatives)
 
 
-def _iter_tar(path: Path) -> Iterable[tuple[str, dict, bytes | None]]:
-    """(key, record, image bytes) per sample of a WebDataset shard (members grouped by key)."""
-    groups: dict[str, dict[str, bytes]] = defaultdict(dict)
-    order: list[str] = []
-    try:
-        with tarfile.open(path) as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                key, _, ext = base.partition(".")
-                key = os.path.join(os.path.dirname(m.name), key)
-                if key not in groups:
-                    order.append(key)
-                groups[key][ext.lower()] = tar.extractfile(m).read()
-    except tarfile.TarError as e:
-        raise EvalDataError(f"{path}: not a readable tar shard ({e})") from None
-    for key in order:
-        members = groups[key]
-        if "json" not in members:
-            raise EvalDataError(f"{path}: sample {key!r} has no .json member")
-        try:
-            rec = json.loads(members["json"])
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{path}: sample {key!r}: .json member is not valid JSON ({e.msg})") from None
-        img = next((members[e] for e in IMAGE_EXTS if e in members), None)
-        yield key, rec, img
-
-
 def load_synthetic(paths: Sequence[str | os.PathLike], image_root: str | os.PathLike | None = None) -> list[CompoSample]:
     """Read our synthetic compositional split from JSON / JSONL files or WebDataset shards."""
     samples = []
     for path in paths:
         path = Path(path)
         if path.suffix == ".tar":
-            for key, rec, img in _iter_tar(path):
-                where = f"{path} [{key}]"
-                ref = ImageRef(data=img, name=str(rec.get("id", key)) if isinstance(rec, dict) else key) if img is not None else None
-                samples.append(_synthetic_sample(rec, where, ref, image_root, path.parent))
+            for key, rec, ref in iter_shard(path):
+                samples.append(_synthetic_sample(rec, f"{path} [{key}]", ref, image_root, path.parent))
             continue
         data = read_json_or_jsonl(path)
         if isinstance(data, dict) and isinstance(data.get("records"), list):
@@ -151,35 +124,6 @@ def load_synthetic(paths: Sequence[str | os.PathLike], image_root: str | os.Path
         for i, rec in enumerate(data):
             samples.append(_synthetic_sample(rec, f"{path} [#{i}]", None, image_root, path.parent))
     return samples
-
-
-def _expand(data: Sequence[str]) -> list[Path]:
-    """Files named by `data`: files, globs, `{a..b}` ranges, folders (their *.tar shards, else their
-    *.json / *.jsonl files)."""
-    from braceexpand import braceexpand
-
-    out: list[Path] = []
-    for d in data:
-        for item in braceexpand(str(d)):
-            p = Path(item)
-            if p.is_dir():
-                found = sorted(f for f in p.iterdir() if f.suffix == ".tar")
-                if not found:  # no shards: the JSON files (not the shard bookkeeping files)
-                    found = sorted(f for f in p.iterdir() if f.suffix in (".json", ".jsonl")
-                                   and f.name not in ("manifest.json", "rejects.jsonl"))
-                if not found:
-                    raise EvalDataError(f"folder {str(p)!r} holds no .json, .jsonl or .tar files")
-                out.extend(found)
-            elif p.is_file():
-                out.append(p)
-            elif any(ch in item for ch in "*?["):
-                hits = sorted(Path(h) for h in glob.glob(item))
-                if not hits:
-                    raise EvalDataError(f"pattern {item!r} matches no file")
-                out.extend(hits)
-            else:
-                raise EvalDataError(f"data path {item!r} does not exist")
-    return out
 
 
 def detect_layout(path: Path) -> str:
@@ -205,7 +149,7 @@ def load_compositional(data: Sequence[str] | str, image_root: str | os.PathLike 
     if isinstance(data, (str, os.PathLike)):
         data = [data]
     samples: list[CompoSample] = []
-    for p in _expand(data):
+    for p in expand_paths(data):
         loader = load_sugarcrepe if detect_layout(p) == "sugarcrepe" else load_synthetic
         samples.extend(loader([p], image_root))
         if limit is not None and len(samples) >= limit:

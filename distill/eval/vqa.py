@@ -29,7 +29,18 @@ from typing import Sequence
 
 import torch
 
-from distill.eval.common import IMAGE_PLACEHOLDER, EvalDataError, ImageRef, model_device, read_json_or_jsonl, render_chat, resolve_image, user_turn
+from distill.eval.common import (
+    IMAGE_PLACEHOLDER,
+    EvalDataError,
+    ImageRef,
+    expand_paths,
+    iter_shard,
+    model_device,
+    read_json_or_jsonl,
+    render_chat,
+    resolve_image,
+    user_turn,
+)
 
 _NUMBERS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -114,16 +125,13 @@ def _read_answers(path: str | os.PathLike) -> dict[str, list[str]]:
 def load_vqa(data: Sequence[str] | str, image_root: str | os.PathLike | None = None,
              answers: str | os.PathLike | None = None, limit: int | None = None) -> list[VQASample]:
     """Load VQA samples from our Q/A split (JSON / JSONL / shards) or a LLaVA question file (module doc)."""
-    from distill.eval.compositional import _expand, _iter_tar
-
     if isinstance(data, (str, os.PathLike)):
         data = [data]
     gt = _read_answers(answers) if answers is not None else None
     samples: list[VQASample] = []
-    for path in _expand(data):
+    for path in expand_paths(data):
         if path.suffix == ".tar":
-            for key, rec, img in _iter_tar(path):
-                ref = ImageRef(data=img, name=str(rec.get("id", key)) if isinstance(rec, dict) else key) if img is not None else None
+            for key, rec, ref in iter_shard(path):
                 samples.append(_from_llava_record(rec, f"{path} [{key}]", ref, image_root, path.parent))
             continue
         rows = read_json_or_jsonl(path)
