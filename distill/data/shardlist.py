@@ -8,8 +8,9 @@ import os
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
 
+from data_prep.shards import MANIFEST
+
 T = TypeVar("T")
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
