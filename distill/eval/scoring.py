@@ -26,16 +26,22 @@ def _caption_text(caption: str) -> str:
 _SENTINEL = "\u2063caption\u2063"
 
 
-def _caption_start(processor, prompt: str, rendered: str, caption: str) -> int:
-    """Character offset of the caption in the rendered conversation.
+def _caption_prefix(processor, prompt: str) -> str | None:
+    """The rendered text before the assistant text for `prompt` (None when it cannot be found).
 
-    The conversation is rendered once more with a sentinel as the assistant text; the text before
-    the sentinel is the text before the caption (templates do not depend on the assistant text), so
-    a caption that also occurs elsewhere in the conversation cannot be confused with it.
-    """
+    The conversation is rendered with a sentinel as the assistant text; templates do not depend on
+    the assistant text, so this prefix serves every caption of the prompt."""
     probe = render_chat(processor, _conversation(prompt, _SENTINEL))
     cut = probe.find(_SENTINEL)
-    if cut >= 0 and rendered.startswith(probe[:cut]) and rendered[cut:cut + len(caption)] == caption:
+    return probe[:cut] if cut >= 0 else None
+
+
+def _caption_start(prefix: str | None, rendered: str, caption: str) -> int:
+    """Character offset of the caption in the rendered conversation: right after `prefix`
+    (`_caption_prefix`), so a caption that also occurs elsewhere in the conversation cannot be
+    confused with it; else its last occurrence."""
+    cut = len(prefix) if prefix is not None else -1
+    if cut >= 0 and rendered.startswith(prefix) and rendered[cut:cut + len(caption)] == caption:
         return cut
     start = rendered.rfind(caption)
     if start < 0:
@@ -84,12 +90,13 @@ def build_caption_batch(processor, images: Sequence, captions: Sequence[str], im
     if len(images) != len(captions):
         raise EvalDataError(f"{len(images)} images but {len(captions)} captions; pass one image per caption")
     tok = processor.tokenizer
+    prefix = _caption_prefix(processor, prompt)
     texts, metas = [], []
     for cap in captions:
         cap = _caption_text(cap)
         rendered = render_chat(processor, _conversation(prompt, cap))
         texts.append(rendered)
-        metas.append(_caption_token_indices(tok, rendered, _caption_start(processor, prompt, rendered, cap), cap, image_id))
+        metas.append(_caption_token_indices(tok, rendered, _caption_start(prefix, rendered, cap), cap, image_id))
     batch = processor(images=list(images), text=texts, padding=True, padding_side="right",
                       add_special_tokens=False, return_tensors="pt")
     ids, am = batch["input_ids"], batch["attention_mask"].bool()
