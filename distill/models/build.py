@@ -43,31 +43,37 @@ def _zero3() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
+def _new_module(factory, like: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``factory()`` for a module joining the model: partitioned (``zero.Init``) under ZeRO-3, else
+    moved to ``like``'s device and ``dtype``."""
+    if not _zero3():
+        return factory().to(device=_device_of(like), dtype=dtype)
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    # Like transformers: the DeepSpeed config decides the dtype (bf16/fp16 section, else fp32),
+    # so the new parameters match the rest of the partitioned model. (Passing ``dtype`` here
+    # is ignored on accelerators without fp16 in deepspeed 0.19.)
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        return factory()
+
+
 @contextlib.contextmanager
-def _new_params(dtype: torch.dtype):
-    """Context for creating new modules: ``zero.Init`` (partitioned) under ZeRO-3, else nothing."""
+def _gathered(params: list[nn.Parameter]):
+    """Whole (possibly ZeRO-3 partitioned) parameters, rank 0's writes kept on exit."""
     if _zero3():
         import deepspeed
-        from transformers.integrations.deepspeed import deepspeed_config
 
-        # Like transformers: the DeepSpeed config decides the dtype (bf16/fp16 section, else fp32),
-        # so the new parameters match the rest of the partitioned model. (Passing ``dtype`` here
-        # is ignored on accelerators without fp16 in deepspeed 0.19.)
-        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             yield
     else:
         yield
 
 
-def _write(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
-    """Copy tensors into (possibly ZeRO-3 partitioned) parameters."""
-    params = [p for p, _ in pairs]
-    ctx = contextlib.nullcontext()
-    if _zero3():
-        import deepspeed
-
-        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    with ctx, torch.no_grad():
+def _write(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Copy ``tensors[prefix + name]`` into every parameter ``name`` of ``module``."""
+    pairs = [(p, tensors[prefix + n]) for n, p in module.named_parameters()]
+    with _gathered([p for p, _ in pairs]), torch.no_grad():
         for p, t in pairs:
             if tuple(p.shape) != tuple(t.shape):
                 raise ModelConfigError(f"internal: cannot copy a {tuple(t.shape)} tensor into a {tuple(p.shape)} parameter")
@@ -94,28 +100,15 @@ def _device_of(module: nn.Module) -> torch.device:
 def _install_fetched(model, spec: dict, weights: dict, dtype: torch.dtype, init_adapter: bool) -> FetchedProjector:
     """Replace the student's projector by a ``FetchedProjector`` holding ``weights``."""
     home = _projector_home(model)
-    device = _device_of(home.multi_modal_projector)
-    with _new_params(dtype):
-        proj = FetchedProjector(spec["in_features"], spec["teacher_hidden"], spec["student_hidden"], spec["act"], spec["bias"])
-    if not _zero3():
-        proj = proj.to(device=device, dtype=dtype)
-    tp = proj.teacher_projector
-    pairs = [(tp.linear_1.weight, weights["linear_1.weight"]), (tp.linear_2.weight, weights["linear_2.weight"])]
-    if spec["bias"]:
-        pairs += [(tp.linear_1.bias, weights["linear_1.bias"]), (tp.linear_2.bias, weights["linear_2.bias"])]
+    proj = _new_module(
+        lambda: FetchedProjector(spec["in_features"], spec["teacher_hidden"], spec["student_hidden"], spec["act"], spec["bias"]),
+        home.multi_modal_projector, dtype)
+    _write(proj.teacher_projector, weights)
     if init_adapter:
-        if _zero3():
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(proj.adapter.parameters()), modifier_rank=0):
-                init_adapter_(proj.adapter)
-        else:
+        with _gathered(list(proj.adapter.parameters())):
             init_adapter_(proj.adapter)
     else:
-        pairs.append((proj.adapter.weight, weights["adapter.weight"]))
-        if spec["bias"]:
-            pairs.append((proj.adapter.bias, weights["adapter.bias"]))
-    _write(pairs)
+        _write(proj.adapter, weights, "adapter.")
     proj.teacher_projector.requires_grad_(False)
     home.multi_modal_projector = proj
     return proj
@@ -130,15 +123,8 @@ def _install_folded(model, spec: dict, weights: dict, dtype: torch.dtype) -> nn.
     cfg.projector_hidden_act = spec["act"]
     cfg.multimodal_projector_bias = "linear_1.bias" in folded
     home = _projector_home(model)
-    device = _device_of(home.multi_modal_projector)
-    with _new_params(dtype):
-        proj = LlavaMultiModalProjector(cfg)
-    if not _zero3():
-        proj = proj.to(device=device, dtype=dtype)
-    pairs = [(proj.linear_1.weight, folded["linear_1.weight"]), (proj.linear_2.weight, folded["linear_2.weight"])]
-    if cfg.multimodal_projector_bias:
-        pairs += [(proj.linear_1.bias, folded["linear_1.bias"]), (proj.linear_2.bias, folded["linear_2.bias"])]
-    _write(pairs)
+    proj = _new_module(lambda: LlavaMultiModalProjector(cfg), home.multi_modal_projector, dtype)
+    _write(proj, folded)
     home.multi_modal_projector = proj
     return proj
 
