@@ -190,7 +190,8 @@ def report(out: Path, results: dict[str, dict], images: dict[str, Path], budget:
         f"Tiny offline teacher/student pair, synthetic compositional data ({budget.scenes} training scenes per split, "
         f"{n_comp} held-out compositional samples), DeepSpeed ZeRO-3 on 2 CPU ranks. Wall time {elapsed / 60:.1f} min.",
         "", "Accuracy (%) on held-out data; compositional = the positive caption must out-score every hard negative "
-        "(swap attribute / swap objects / replace relation).", "", table, "",
+        "(replace attribute / replace relation / swap attributes / swap objects); a category column = the positive "
+        "out-scores that category's negatives.", "", table, "",
     ]
     for title, path in images.items():
         if path.exists():
