@@ -265,7 +265,7 @@ def _expect_fetched_keys():
         r"multi_modal_projector\.linear_[12]\."
     ]
     try:
-        yield cls
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
@@ -307,11 +307,8 @@ def load_student_checkpoint(
     validate_teacher_projector(weights, spec["in_features"], spec["teacher_hidden"], spec["bias"], role="checkpoint")
     if "adapter.weight" not in weights or tuple(weights["adapter.weight"].shape) != (spec["student_hidden"], spec["teacher_hidden"]):
         raise ModelConfigError(f"checkpoint {str(p)!r}: adapter weights missing or misshapen; the checkpoint is incomplete.")
-    kwargs = {"dtype": dtype}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    with _expect_fetched_keys() as cls:
-        model = cls.from_pretrained(p, **kwargs)
+    with _expect_fetched_keys():
+        model = load_vlm(p, dtype=dtype, attn_implementation=attn_implementation, role="checkpoint")
     if adapter_fetch:
         _install_fetched(model, spec, weights, dtype, init_adapter=False)
     else:
