@@ -262,11 +262,9 @@ class Logger:
         self._tb = None
         if self.rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise ConfigError("run.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
+            if self.tensorboard:  # RunConfig checked at load that the package is installed
+                from torch.utils.tensorboard import SummaryWriter
+
                 self._tb = SummaryWriter(str(self.path.parent / "tb"))
 
     def log(self, record: dict):
