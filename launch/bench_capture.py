@@ -37,14 +37,10 @@ VARIANTS = ("eager", "fused", "none")
 LABEL = {"eager": "(a) eager output_attentions", "fused": "(b) fused capture", "none": "(c) no capture"}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _vm_hwm_bytes() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: current RSS, VmHWM: its peak) in bytes."""
     with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(field + ":"))
 
 
 def worker(variant: str, seq: int, steps: int, warmup: int, threads: int) -> dict:
@@ -106,13 +102,13 @@ def worker(variant: str, seq: int, steps: int, warmup: int, threads: int) -> dic
         if i == warmup:  # steady state: one-time allocations of the first steps are not step memory
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets the peak (VmHWM) to the current RSS
-            base = _rss_bytes()
+            base = _status_bytes("VmRSS")
         t0, w0 = time.process_time(), time.perf_counter()
         step()
         if i >= warmup:
             times.append(time.process_time() - t0)
             walls.append(time.perf_counter() - w0)
-    total = _vm_hwm_bytes()
+    total = _status_bytes("VmHWM")
     return {"variant": variant, "seq": seq, "n_image": n, "time_s": statistics.median(times),
             "wall_s": statistics.median(walls), "peak_bytes": total - base, "peak_total_bytes": total}
 
