@@ -9,8 +9,10 @@ Layout under ``output_dir/checkpoints``::
     step00000030.tmp/             a save in progress (or killed): never used, removed on next save
     latest                        name of the newest complete checkpoint (moved by os.replace)
 
-A save writes ``stepN.tmp``, waits for every rank (barrier), then rank 0 renames it to ``stepN``
-and only then moves ``latest``. A ``kill -9`` at any moment leaves the previous complete
+A save writes ``stepN.tmp``, waits for every rank (barrier), then every rank checks that it sees
+every rank's train state and the ranks exchange what they saw (an all-reduce, so the check of the
+slowest rank is over before anyone goes on); only then does rank 0 rename it to ``stepN`` and move
+``latest``. A ``kill -9`` at any moment leaves the previous complete
 checkpoint untouched. Collective calls: every rank must call :meth:`CheckpointManager.save` and
 :meth:`CheckpointManager.load`.
 """
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from distill import engine as E
+from distill import faults
 
 _TAG = re.compile(r"^step(\d{8})$")
 
@@ -54,11 +57,13 @@ class CheckpointError(RuntimeError):
 class CheckpointManager:
     """Save/find/load stage checkpoints under ``root`` keeping the newest ``keep_last``."""
 
-    def __init__(self, root: str | Path, rank: int, world_size: int, keep_last: int = 2):
+    def __init__(self, root: str | Path, rank: int, world_size: int, keep_last: int = 2,
+                 device: torch.device | str = "cpu"):
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
         self.keep_last = keep_last
+        self.device = torch.device(device)  # of the collective's tensor (CUDA under NCCL)
 
     # ---------------------------------------------------------------- find
     def complete(self) -> list[tuple[int, Path]]:
@@ -109,13 +114,22 @@ class CheckpointManager:
         E.save_engine_checkpoint(engines, self.root, tmp.name, client_state={"step": step})
         torch.save({**train_state, "rng": rng_state(), "step": step, "world_size": self.world_size},
                    tmp / f"train_state_rank{self.rank}.pt")
+        faults.in_save(step, self.rank)
         E.barrier()
         final = self.root / tag
-        # every rank checks (so all raise together instead of leaving others at a barrier)
-        missing = [r for r in range(self.world_size) if not (tmp / f"train_state_rank{r}.pt").is_file()]
-        if missing:
-            raise CheckpointError(f"checkpoint {tmp}: rank {self.rank} cannot see the train state of ranks "
-                                  f"{missing}; run.output_dir must be on a filesystem shared by all nodes")
+        faults.before_check(self.rank, final)
+        # Every rank checks, then all exchange what they saw: rank 0 cannot rename the folder
+        # before the slowest rank's check is done, and all ranks raise together on a failure.
+        seen = torch.zeros(self.world_size, self.world_size, dtype=torch.float32, device=self.device)
+        for r in range(self.world_size):
+            seen[self.rank, r] = float((tmp / f"train_state_rank{r}.pt").is_file())
+        seen = E.all_reduce_sum(seen).tolist()  # one host sync per save
+        blind = {r: [s for s in range(self.world_size) if not seen[r][s]] for r in range(self.world_size)}
+        blind = {r: m for r, m in blind.items() if m}
+        if blind:
+            detail = "; ".join(f"rank {r} cannot see the train state of ranks {m}" for r, m in blind.items())
+            raise CheckpointError(f"checkpoint {tmp}: {detail}; run.output_dir must be on a filesystem shared "
+                                  "by all nodes")
         if self.rank == 0:
             meta = {"step": step, "world_size": self.world_size, **(extra_meta or {})}
             _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
