@@ -105,7 +105,8 @@ def test_checkpointing_recompute_collects_once(monkeypatch):
 
     monkeypatch.setattr(capture_mod, "visual_attention_probs", counting)
     results = []
-    for ckpt in (False, True):
+    # backward after the record block closed, and inside it (a recompute with the session open)
+    for ckpt, inside in ((False, False), (True, False), (True, True)):
         model = copy.deepcopy(base)
         model.train()
         if ckpt:
@@ -115,16 +116,20 @@ def test_checkpointing_recompute_collects_once(monkeypatch):
         calls.clear()
         with cap.record(vis, valid) as rec:
             out = model(input_ids=ids, attention_mask=mask)
-        maps = rec.maps
-        loss = (maps * w).sum() + out.logits.float().square().mean()
-        loss.backward()  # outside the record block: the recompute must still run the capture ops
+            maps = rec.maps
+            loss = (maps * w).sum() + out.logits.float().square().mean()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()  # outside the record block: the recompute must still run the capture ops
         assert len(calls) == (4 if ckpt else 2)  # checkpoint recompute re-ran the capture path
         assert rec.maps is maps and len(rec._session.maps) == 0  # the recompute delivered nothing new
         results.append((maps.detach(), _grads(model)))
-    (m0, g0), (m1, g1) = results
-    torch.testing.assert_close(m0, m1)
-    for name in g0:
-        torch.testing.assert_close(g0[name], g1[name], atol=1e-6, rtol=1e-5, msg=name)
+    (m0, g0), *rest = results
+    for m1, g1 in rest:
+        torch.testing.assert_close(m0, m1)
+        for name in g0:
+            torch.testing.assert_close(g0[name], g1[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_no_capture_outside_record_and_errors():

@@ -12,10 +12,15 @@ attention function then also forms the visual block ``P`` with
 :func:`distill.attention.visual_attention_probs` from the kernel's LSE, averages heads and hands
 the ``[B, n, n]`` map to the token.
 
-Activation checkpointing (non-reentrant): HF checkpoints ``partial(forward, layer, **kwargs)``, so
-the recompute in backward receives the *same* token, runs the same ops (the checkpoint's
-saved-tensor bookkeeping needs that) and the token ignores the second delivery: nothing is
-collected twice, and it works even if the record context has already closed.
+Activation checkpointing (non-reentrant): the recompute in backward must run the same ops as the
+original forward (the checkpoint's saved-tensor bookkeeping counts them) and must not collect
+again. transformers versions differ in where the pre-hook runs: some checkpoint
+``partial(forward, **kwargs)`` with the hook outside (the recompute reuses the kwargs, token
+included), others checkpoint ``partial(Module.__call__, **kwargs)`` so the hook runs again inside
+the recompute, possibly after the record context has closed. The hook therefore remembers, per
+layer, the token it gave and the hidden-state tensor it was given: a call with that very tensor
+object is the recompute of that forward (checkpointing passes the saved inputs back unchanged)
+and gets the same token, whatever the record state. The token ignores the second delivery.
 
 Masks: with no padding, or right padding and no KV cache, the mask function returns ``None`` and
 a dense causal kernel is used; valid rows never see pad keys, so this is exact for them (pad rows
@@ -27,6 +32,7 @@ refuses that case with a clear error.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -279,6 +285,7 @@ class AttentionCapture:
         self.layers = layers
         self.chunk_size = chunk_size
         self._session: _Session | None = None
+        self._last: dict[int, tuple[weakref.ref, _Token]] = {}  # layer -> (its input, token): recompute
         # the attention function knows a layer by its self_attn.layer_idx: key the maps by that
         self._layer_ids = [getattr(self.text.layers[i].self_attn, "layer_idx", i) for i in layers]
         self._handles = [
@@ -287,9 +294,17 @@ class AttentionCapture:
         ]
 
     def _pre_hook(self, layer_idx, module, args, kwargs):
-        if self._session is None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        last = self._last.get(layer_idx)
+        if last is not None and hidden is not None and last[0]() is hidden:
+            token = last[1]  # a checkpoint recompute of the forward that got this token
+        elif self._session is None:
             return None
-        kwargs[_TOKEN_KEY] = _Token(self._session, layer_idx, self.chunk_size)
+        else:
+            token = _Token(self._session, layer_idx, self.chunk_size)
+            if isinstance(hidden, torch.Tensor):
+                self._last[layer_idx] = (weakref.ref(hidden), token)
+        kwargs[_TOKEN_KEY] = token
         return args, kwargs
 
     @contextlib.contextmanager
