@@ -210,3 +210,34 @@ def test_no_txt_allocation(backend):
         (rec.maps.sum() + out.logits.sum()).backward()
     assert guard.largest < long_t * long_t // 8
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_right_padded_declaration_skips_the_mask_sync_and_changes_nothing():
+    """Under ``right_padded()`` the model forward reads no tensor value on the host (the padding
+    check is what synced); the logits equal those of the checked path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from distill.attention import right_padded
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default or func is torch.ops.aten.is_nonzero.default:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = _llama().eval()
+    install(model, "cpu_flash")
+    ids, mask, _, _ = _batch()
+    with torch.no_grad():
+        with HostReads() as checked:
+            ref = model(input_ids=ids, attention_mask=mask).logits
+        with right_padded(), HostReads() as declared:
+            out = model(input_ids=ids, attention_mask=mask).logits
+    assert checked.n > 0  # the check does read the mask on the host
+    assert declared.n == 0
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -2,7 +2,7 @@
 
 from distill.attention.kernels import BACKENDS, attention_with_lse, resolve_backend
 from distill.attention.visual import visual_attention_probs
-from distill.attention.capture import AttentionCapture, Recording, install, text_decoder_layers
+from distill.attention.capture import AttentionCapture, Recording, install, right_padded, text_decoder_layers
 
 __all__ = [
     "BACKENDS",
@@ -11,6 +11,7 @@ __all__ = [
     "attention_with_lse",
     "install",
     "resolve_backend",
+    "right_padded",
     "text_decoder_layers",
     "visual_attention_probs",
 ]

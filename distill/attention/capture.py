@@ -24,7 +24,9 @@ and gets the same token, whatever the record state. The token ignores the second
 
 Masks: with no padding, or right padding and no KV cache, the mask function returns ``None`` and
 a dense causal kernel is used; valid rows never see pad keys, so this is exact for them (pad rows
-are masked out of every loss).  Anything else (left padding, packed sequences, sliding windows,
+are masked out of every loss). Finding that out from the mask costs a host sync per forward; the
+training loop knows it from the collate step (its batches are right-padded) and says so with
+``with right_padded():`` around the forwards, which skips the check.  Anything else (left padding, packed sequences, sliding windows,
 a KV cache with padding) gets an explicit 4D boolean mask and goes through PyTorch SDPA; capture
 refuses that case with a clear error.
 """
@@ -32,6 +34,7 @@ refuses that case with a clear error.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,7 +52,7 @@ from transformers.masking_utils import (
 from distill.attention.kernels import _check_backend, _expand_kv, attention_with_lse
 from distill.attention.visual import visual_attention_probs
 
-__all__ = ["AttentionCapture", "Recording", "install", "text_decoder_layers", "implementation_name"]
+__all__ = ["AttentionCapture", "Recording", "install", "right_padded", "text_decoder_layers", "implementation_name"]
 
 _TOKEN_KEY = "distill_capture"
 _PREFIX = "distill_"
@@ -90,6 +93,24 @@ class _Token:
 
 # ----------------------------------------------------------------------------- registered functions
 
+_RIGHT_PADDED: contextvars.ContextVar[bool] = contextvars.ContextVar("distill_right_padded", default=False)
+
+
+@contextlib.contextmanager
+def right_padded():
+    """Declare that the forwards inside run right-padded (or unpadded) batches without a KV cache.
+
+    The mask function then returns ``None`` (dense causal kernel) without reading the mask, which
+    would sync the host on every forward. Only declare it for batches that are right-padded, as
+    ``distill.data`` collates them: a left-padded batch inside would let valid rows attend to pad
+    keys.
+    """
+    tok = _RIGHT_PADDED.set(True)
+    try:
+        yield
+    finally:
+        _RIGHT_PADDED.reset(tok)
+
 
 def _fused_mask(
     batch_size,
@@ -103,6 +124,8 @@ def _fused_mask(
 ):
     """``None`` when a dense causal kernel is exact for valid rows, else a 4D bool mask."""
     if mask_function is causal_mask_function and q_length == kv_length and q_offset == 0 and kv_offset == 0:
+        if _RIGHT_PADDED.get() and (attention_mask is None or attention_mask.shape[-1] == kv_length):
+            return None  # declared by the caller (collate-time fact): no look at the mask, no sync
         mask2d = flash_attention_mask(
             batch_size, q_length, kv_length, attention_mask=attention_mask, mask_function=mask_function
         )
