@@ -13,186 +13,249 @@ adds the normaliser's gradient analytically.  With G the upstream gradient of P 
     dS_ij = -P_ij D_i           for every other visible key j
     dq_i  = scale * sum_j dS_ij k_j        dk_j = scale * sum_i dS_ij q_i
 
-The "every visible key" part is done on n x T strips of query rows, chunked so that at most
-``chunk_size`` visual rows (per batch element and head) are materialised against the keys at a
-time; keys past the last visual position of a chunk are skipped (causality).  Nothing of size
-T x T is ever formed; forward keeps only n x n.  Accumulation is fp32 whatever the input dtype.
+Two implementations (``impl=``):
+
+``"torch"``: loop-free batched matmuls over all samples and heads at once (GQA by folding each
+KV head's query group into the matmul rows).  The forward forms the ``[B, Hq, n, n]`` block; the
+backward forms one ``n x T`` strip per sample and head (keys are *all* T positions: the last
+visible key is data-dependent and reading it would sync the host), splits dS into its visual part
+``P G`` (``[n, n]``, scattered into dk rows) and the strip part ``-P D``, and needs no scatter into
+the strip.  Causality and padding are comparisons against ``vis_pos`` on the device.  Rows are
+chunked only when a strip (backward) or block (head-averaged forward) would exceed
+``MEMORY_BUDGET_BYTES`` of fp32, or when ``chunk_size`` is given; the chunk count comes from
+shapes, so there are no host syncs either way.  Operands: fp32 (exact) everywhere except CUDA
+fp16/bf16 inputs, whose matmuls run on the input dtype with fp32 output (``torch.bmm(...,
+out_dtype=torch.float32)``, tensor cores with fp32 accumulation); there the backward's dS and
+P*G are rounded to the input dtype before their matmuls, as flash-attention's backward does.
+
+``"triton"``: the kernels of :mod:`distill.attention.triton_visual` (CUDA, or CPU under
+``TRITON_INTERPRET=1``).  ``"auto"``: triton for CUDA tensors when triton imports, else torch.
+
+Padding: ``vis_pos`` may end in ``-1`` entries (samples with fewer visual tokens); their rows and
+columns of P are zero and they receive no gradient.  Rows whose ``lse`` is ``+inf`` (rows that see
+no key) give zeros.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
+
 import torch
 
-__all__ = ["visual_attention_probs"]
+__all__ = ["IMPLS", "MEMORY_BUDGET_BYTES", "resolve_impl", "triton_available", "visual_attention_probs"]
 
-# fp32 elements of one score strip when chunk_size is automatic: cache-sized on CPU (1 MiB),
-# large on accelerators (16 MiB) where bigger batched matmuls are cheaper than more launches
-_STRIP_BUDGET = {"cpu": 1 << 18}
-_STRIP_BUDGET_DEFAULT = 1 << 22
+IMPLS = ("auto", "triton", "torch")
 
-
-def _gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D], pos [B, n] -> [B, H, n, D]."""
-    b, h, _, d = x.shape
-    idx = pos[:, None, :, None].expand(b, h, pos.shape[1], d)
-    return x.gather(2, idx)
+# fp32 bytes of one backward strip [B, Hq, rows, T] (or head-averaged forward block [B, Hq, rows, n])
+# above which the torch path splits visual rows into chunks.  At the real layer shape (16 heads,
+# T = 2048, n = 729, batch 1) the strip is 91 MiB: one chunk.
+MEMORY_BUDGET_BYTES = 256 << 20
 
 
-def _visual_block(q, k, lse, vis_pos, scale):
-    """Visual block P [B, Hq, n, n] fp32 (exp(scale q.k - lse), causal zeros)."""
-    b, hq, _, d = q.shape
+# ----------------------------------------------------------------------------- implementation choice
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    """``None`` when the triton kernels import, else the reason (cached: triton reads
+    ``TRITON_INTERPRET`` when the kernels are defined, i.e. on this first import)."""
+    try:
+        importlib.import_module("distill.attention.triton_visual")
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def triton_available() -> bool:
+    """Whether :mod:`distill.attention.triton_visual` (and so triton) imports."""
+    return _triton_import_error() is None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_impl(impl: str, device: torch.device | str) -> str:
+    """Concrete implementation (``"triton"`` or ``"torch"``) for tensors on ``device``.
+
+    ``"auto"``: ``"triton"`` on CUDA when triton imports, else ``"torch"``.  ``"triton"`` needs CUDA,
+    or any device with ``TRITON_INTERPRET=1`` (the CPU interpreter, for tests).  Raises
+    ``ValueError`` for unknown names and for ``"triton"`` where it cannot run, so a config value
+    can be validated up front.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown visual attention impl {impl!r}; choose one of {IMPLS}")
+    device = torch.device(device)
+    if impl == "torch":
+        return "torch"
+    if impl == "triton":
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                f"visual attention impl 'triton' needs CUDA tensors (got device {device}); "
+                "set TRITON_INTERPRET=1 before import to run it on CPU, or use impl='torch' / 'auto'"
+            )
+        err = _triton_import_error()
+        if err is not None:
+            raise ValueError(f"visual attention impl 'triton' requested but the triton kernels do not import ({err})")
+        return "triton"
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+# ----------------------------------------------------------------------------- torch path helpers
+
+
+def _half_matmul_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether matmuls can run on ``dtype`` operands with fp32 output on ``device``."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    key = (str(device), dtype)
+    if key not in _HALF_OK:
+        try:
+            a = torch.zeros(1, 2, 2, dtype=dtype, device=device)
+            _HALF_OK[key] = torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _HALF_OK[key] = False
+    return _HALF_OK[key]
+
+
+_HALF_OK: dict = {}
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched ``a @ b`` with fp32 output; ``a`` is cast to ``b``'s dtype (half operands: fp32 accumulation)."""
+    if b.dtype == torch.float32:
+        return torch.bmm(a.float(), b)
+    return torch.bmm(a.to(b.dtype), b, out_dtype=torch.float32)
+
+
+def _scores(qc, kt, lse_c, scale):
+    """``exp(scale * qc @ kt - lse_c)`` fp32; qc [N, M, D], kt [N, D, L], lse_c [N, M, 1]."""
+    if kt.dtype == torch.float32:
+        return torch.baddbmm(lse_c, qc, kt, beta=-1.0, alpha=scale).exp_()
+    return _bmm(qc, kt).mul_(scale).sub_(lse_c).exp_()
+
+
+def _rows_per_chunk(n: int, per_row_bytes: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return max(1, min(int(chunk_size), n))
+    return max(1, min(n, MEMORY_BUDGET_BYTES // max(1, per_row_bytes)))
+
+
+def _prepare(q, k, lse, vis_pos):
+    """Gathered visual rows and the masks every pass needs (all on device, no host reads)."""
+    b, hq, t, d = q.shape
     hk = k.shape[1]
-    g = hq // hk
     n = vis_pos.shape[1]
-    qv = _gather_rows(q, vis_pos).float().reshape(b * hk, g * n, d)  # (B*Hk, G*n, D)
-    kv = _gather_rows(k, vis_pos).float().reshape(b * hk, n, d)  # (B*Hk, n, D)
-    neg_lse = -lse.float().gather(2, vis_pos[:, None, :].expand(b, hq, n)).reshape(b * hk, g * n, 1)
-    p = torch.baddbmm(neg_lse, qv, kv.transpose(1, 2), alpha=scale).exp_()  # (B*Hk, G*n, n)
-    p = p.view(b, hq, n, n)
-    blocked = vis_pos[:, None, :] > vis_pos[:, :, None]  # (B, n_i, n_j): key after query
+    cdt = q.dtype if _half_matmul_ok(q.device, q.dtype) else torch.float32
+    pad = vis_pos < 0  # (B, n)
+    idx = vis_pos.clamp(min=0)  # gather index; padded entries read position 0 and are masked
+    col_pos = vis_pos.masked_fill(pad, t)  # padded keys sit "after every query"
+    qv = q.gather(2, idx[:, None, :, None].expand(b, hq, n, d)).to(cdt)  # (B, Hq, n, D)
+    kv = k.gather(2, idx[:, None, :, None].expand(b, hk, n, d)).to(cdt)  # (B, Hk, n, D)
+    lse_v = lse.gather(2, idx[:, None, :].expand(b, hq, n))  # (B, Hq, n) fp32
+    return qv, kv, lse_v, idx, pad, col_pos, cdt
+
+
+def _block(qv, kv, lse_v, vis_pos, col_pos, scale, r0, r1):
+    """Visual block rows r0:r1 -> [B, Hq, c, n] fp32 with causal / padding zeros."""
+    b, hq, n, d = qv.shape
+    hk = kv.shape[1]
+    g = hq // hk
+    c = r1 - r0
+    qc = qv[:, :, r0:r1].reshape(b * hk, g * c, d)  # a view when r0:r1 is every row
+    lc = lse_v[:, :, r0:r1].reshape(b * hk, g * c, 1)
+    p = _scores(qc, kv.reshape(b * hk, n, d).transpose(1, 2), lc, scale).view(b, hq, c, n)
+    blocked = col_pos[:, None, :] > vis_pos[:, r0:r1, None]  # (B, c, n): key after query, or padding
     return p.masked_fill_(blocked[:, None], 0.0)
 
 
-class _VisualAttentionProbs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, lse, vis_pos, scale, chunk_size):
-        ctx.save_for_backward(q, k, lse, vis_pos)  # P is recomputed in backward: no per-head maps kept
-        ctx.scale = scale
-        ctx.chunk_size = chunk_size
-        return _visual_block(q, k, lse, vis_pos, scale)
+class _TorchVisual(torch.autograd.Function):
+    """Loop-free torch path; ``head_mean`` selects ``[B, n, n]`` (mean over heads) output."""
 
     @staticmethod
-    def backward(ctx, grad_p):
-        q, k, lse, vis_pos = ctx.saved_tensors
-        scale = ctx.scale
+    def forward(ctx, q, k, lse, vis_pos, scale, chunk_size, head_mean, key_len):
         b, hq, t, d = q.shape
+        n = vis_pos.shape[1]
+        qv, kv, lse_v, idx, pad, col_pos, cdt = _prepare(q, k, lse, vis_pos)
+        ctx.save_for_backward(qv, kv, k, lse_v, idx, pad, vis_pos)
+        ctx.meta = (scale, chunk_size, head_mean, key_len, q.shape, q.dtype, cdt)
+        if not head_mean:
+            return _block(qv, kv, lse_v, vis_pos, col_pos, scale, 0, n)
+        rows = _rows_per_chunk(n, b * hq * n * 4, None)  # chunk_size is a backward knob
+        if rows >= n:
+            return _block(qv, kv, lse_v, vis_pos, col_pos, scale, 0, n).mean(1)
+        out = torch.empty(b, n, n, dtype=torch.float32, device=q.device)
+        for r0 in range(0, n, rows):  # only above the memory budget: [B, Hq, rows, n] at a time
+            r1 = min(n, r0 + rows)
+            out[:, r0:r1] = _block(qv, kv, lse_v, vis_pos, col_pos, scale, r0, r1).mean(1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        qv, kv, k, lse_v, idx, pad, vis_pos = ctx.saved_tensors  # read once (checkpoint recompute)
+        scale, chunk_size, head_mean, key_len, q_shape, q_dtype, cdt = ctx.meta
+        b, hq, t, d = q_shape
         hk = k.shape[1]
         g = hq // hk
         n = vis_pos.shape[1]
-        if n == 0 or grad_p is None:
-            return (torch.zeros(b, hq, t, d, dtype=q.dtype, device=q.device),
-                    torch.zeros(b, hk, t, d, dtype=k.dtype, device=k.device), None, None, None, None)
-
-        chunk = ctx.chunk_size
-        if chunk is None:
-            budget = _STRIP_BUDGET.get(q.device.type, _STRIP_BUDGET_DEFAULT)
-            chunk = max(1, budget // max(1, b * hq * t))
-        chunk = max(1, min(int(chunk), n))
-        # one host sync per path: each sample's first / last visual position ...
-        starts, ends = torch.stack([vis_pos[:, 0], vis_pos[:, -1]]).tolist()
-        if all(e - s0 == n - 1 for s0, e in zip(starts, ends)):  # increasing + span n-1: contiguous image
-            return _backward_contiguous(q, k, lse, grad_p, starts, scale, chunk)
-        # ... and, off the contiguous path, per visual row the largest / smallest position over the batch
-        row_max, row_min = torch.stack([vis_pos.amax(0), vis_pos.amin(0)]).tolist()
-
-        dq = torch.zeros(b, hq, t, d, dtype=torch.float32, device=q.device)
+        if n == 0 or grad is None:
+            return (torch.zeros(q_shape, dtype=q_dtype, device=k.device), torch.zeros_like(k)) + (None,) * 6
+        # G on padded columns is ignored (P there is zero; the strip gather below reads a real column)
+        if head_mean:
+            gm = grad.float().masked_fill(pad[:, None, :], 0.0)[:, None]  # (B, 1, n, n); 1/Hq folded in s
+            s = scale / hq
+        else:
+            gm = grad.float().masked_fill(pad[:, None, None, :], 0.0)  # (B, Hq, n, n)
+            s = scale
+        tl = key_len  # keys >= tl are invisible to every visual row (caller's bound; default T)
+        # (B*Hk, tl, D): one contiguous copy for HF's transposed layout, none for contiguous fp32
+        kf = k[:, :, :tl].to(cdt).contiguous().view(b * hk, tl, d)
+        kvf = kv.reshape(b * hk, n, d)
+        key_pos = torch.arange(tl, device=k.device)
         dk = torch.zeros(b * hk, t, d, dtype=torch.float32, device=k.device)
-        qv = _gather_rows(q, vis_pos).float().view(b, hk, g, n, d)  # (B, Hk, G, n, D)
-        kv = _gather_rows(k, vis_pos).float().reshape(b * hk, n, d)  # (B*Hk, n, D)
-        kf = k.float().reshape(b * hk, t, d)  # (B*Hk, T, D); no copy for fp32 input
-        neg_lse = -lse.float().gather(2, vis_pos[:, None, :].expand(b, hq, n)).view(b, hk, g, n)
-
-        # Visual-key part of dS: P * G (the -P * D part of visual keys is in the strips below).
-        pg = _visual_block(q, k, lse, vis_pos, scale).mul_(grad_p.float()).view(b * hk, g * n, n)
-        dvec = pg.sum(-1).view(b, hk, g, n, 1)  # D_i
-        dq_v = torch.bmm(pg, kv).mul_(scale).view(b, hk, g, n, d)  # (B, Hk, G, n, D)
-        dk_v = torch.bmm(pg.view(b * hk, g, n, n).permute(0, 3, 1, 2).reshape(b * hk, n, g * n),
-                         qv.view(b * hk, g * n, d)).mul_(scale)  # (B*Hk, n, D)
-        del pg
-
-        # Strip part: -P_ij D_i over every visible key j, chunked over visual query rows.
-        key_pos = torch.arange(t, device=q.device)
-        for r0 in range(0, n, chunk):
-            r1 = min(n, r0 + chunk)
+        rows = _rows_per_chunk(n, b * hq * tl * 4, chunk_size)
+        dq_v = None if rows >= n else torch.empty(b, hk, g, n, d, dtype=torch.float32, device=k.device)
+        for r0 in range(0, n, rows):  # one pass unless a strip would exceed the memory budget
+            r1 = min(n, r0 + rows)
             c = r1 - r0
-            klen = int(max(row_max[r0:r1])) + 1  # keys past the chunk's last visual row are masked anyway
-            lo = int(min(row_min[r0:r1])) + 1  # keys before this are visible to every row of the chunk
-            qc = qv[:, :, :, r0:r1].reshape(b * hk, g * c, d)
-            kc = kf[:, :klen]  # (B*Hk, L, D)
-            # -D_i * exp(scale q.k - lse): the strip of dS over every key
-            pc = torch.baddbmm(neg_lse[:, :, :, r0:r1].reshape(b * hk, g * c, 1), qc, kc.transpose(1, 2), alpha=scale)
-            pc = pc.exp_().view(b, hk, g, c, klen)
-            if lo < klen:
-                blocked = key_pos[lo:klen][None, None, :] > vis_pos[:, r0:r1, None]  # (B, c, L - lo)
-                pc[..., lo:].masked_fill_(blocked[:, None, None], 0.0)
-            ds = pc.mul_(dvec[:, :, :, r0:r1].neg()).view(b * hk, g * c, klen)
-            # dq_i += scale * sum_j dS_ij k_j (attention with V = K); dk_j += scale * sum_i dS_ij q_i
-            dq_v[:, :, :, r0:r1].add_(torch.bmm(ds, kc).view(b, hk, g, c, d), alpha=scale)
-            dk[:, :klen].baddbmm_(ds.transpose(1, 2), qc, alpha=scale)
-            del pc, ds
-
-        dk.view(b, hk, t, d).scatter_add_(2, vis_pos[:, None, :, None].expand(b, hk, n, d), dk_v.view(b, hk, n, d))
-        dq.scatter_(2, vis_pos[:, None, :, None].expand(b, hq, n, d), dq_v.view(b, hq, n, d))
-        return dq.to(q.dtype), dk.view(b, hk, t, d).to(k.dtype), None, None, None, None
-
-
-class _VisualAttentionMean(torch.autograd.Function):
-    """Head-averaged visual block [B, n, n]; only one KV group's [B, G, n, n] exists at a time."""
-
-    @staticmethod
-    def forward(ctx, q, k, lse, vis_pos, scale, chunk_size):
-        ctx.save_for_backward(q, k, lse, vis_pos)
-        ctx.scale = scale
-        ctx.chunk_size = chunk_size
-        b, hq = q.shape[:2]
-        ctx.batch_heads = (b, hq)  # backward must read ctx.saved_tensors only once (checkpointing)
-        hk = k.shape[1]
-        g = hq // hk
-        n = vis_pos.shape[1]
-        acc = torch.zeros(b, n, n, dtype=torch.float32, device=q.device)
-        for h in range(hk):
-            hs = slice(h * g, (h + 1) * g)
-            acc += _visual_block(q[:, hs], k[:, h : h + 1], lse[:, hs], vis_pos, scale).sum(1)
-        return acc.div_(hq)
-
-    @staticmethod
-    def backward(ctx, grad_mean):
-        b, hq = ctx.batch_heads
-        n = grad_mean.shape[-1]
-        grad_p = (grad_mean.float() / hq)[:, None].expand(b, hq, n, n)  # d mean / d P_h = 1 / Hq
-        return _VisualAttentionProbs.backward(ctx, grad_p)
-
-
-def _backward_contiguous(q, k, lse, grad_p, starts, scale, chunk):
-    """Backward when each sample's visual tokens are one contiguous run ``start_b + arange(n)``.
-
-    The visual keys are then a slice of every strip, so dS = -P D on the strip plus P G on that
-    slice comes out of one pass per chunk (no separate visual-block recompute or gathers).
-    """
-    b, hq, t, d = q.shape
-    hk = k.shape[1]
-    g = hq // hk
-    n = grad_p.shape[-1]
-    dq = torch.zeros(b, hq, t, d, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(b, hk, t, d, dtype=torch.float32, device=k.device)
-    grad_p = grad_p.float().reshape(b, hk, g, n, n)  # a view, also for head-broadcast gradients
-    rows = torch.arange(n, device=q.device)
-    for bi, s0 in enumerate(starts):
-        qb = q[bi, :, s0 : s0 + n].float().reshape(hk, g, n, d)  # (Hk, G, n, D)
-        kb = k[bi].float()  # (Hk, T, D)
-        neg_lse = -lse[bi, :, s0 : s0 + n].float().reshape(hk, g, n)
-        dq_b = dq[bi, :, s0 : s0 + n].view(hk, g, n, d)
-        for r0 in range(0, n, chunk):
-            r1 = min(n, r0 + chunk)
-            c = r1 - r0
-            klen = s0 + r1  # the chunk's last row sits at position s0 + r1 - 1
-            qc = qb[:, :, r0:r1].reshape(hk, g * c, d)
-            kc = kb[:, :klen]
-            pc = torch.baddbmm(neg_lse[:, :, r0:r1].reshape(hk, g * c, 1), qc, kc.transpose(1, 2), alpha=scale)
-            pc = pc.exp_().view(hk, g, c, klen)
-            # causal zeros: row r0+i sees visual keys 0..r0+i, i.e. columns < s0 + r0 + i + 1
-            tail = pc[..., s0 + r0 + 1 :]  # (Hk, G, c, c - 1)
-            tail.masked_fill_(rows[: c - 1][None, :] >= rows[:c, None], 0.0)
-            pv = pc[..., s0 : s0 + r1]  # visual keys that can be visible to these rows
-            pg = pv * grad_p[bi, :, :, r0:r1, :r1]  # P G
+            qc = qv[:, :, r0:r1].reshape(b * hk, g * c, d)
+            lc = lse_v[:, :, r0:r1].reshape(b * hk, g * c, 1)
+            strip = _scores(qc, kf.transpose(1, 2), lc, scale).view(b, hk, g * c, tl)  # P over every key
+            blocked = key_pos > vis_pos[:, r0:r1, None]  # (B, c, tl); padded rows (-1) see nothing
+            strip.view(b, hq, c, tl).masked_fill_(blocked[:, None], 0.0)
+            pv = strip.gather(3, idx[:, None, None, :].expand(b, hk, g * c, n))  # P on visual keys
+            pg = pv.view(b, hq, c, n).mul_(gm[:, :, r0:r1]).view(b * hk, g * c, n)  # P G (G/Hq: in s)
             dvec = pg.sum(-1, keepdim=True)  # D_i
-            ds = pc.mul_(dvec.neg_())
-            ds[..., s0 : s0 + r1] += pg  # dS = -P D everywhere, + P G on visual keys
-            ds = ds.view(hk, g * c, klen)
-            dq_b[:, :, r0:r1] = torch.bmm(ds, kc).view(hk, g, c, d).mul_(scale)
-            dk[bi, :, :klen].baddbmm_(ds.transpose(1, 2), qc, alpha=scale)
-            del pc, ds, pg
-    return dq.to(q.dtype), dk.to(k.dtype), None, None, None, None
+            pd = strip.view(b * hk, g * c, tl).mul_(dvec)  # P D on every key (= -dS off the visual keys)
+            # dq_i = s (sum_{j in V} P G k_j - sum_j P D k_j)
+            dq_c = _bmm(pd, kf)
+            if cdt == torch.float32:
+                dq_c.baddbmm_(pg, kvf, beta=-s, alpha=s)
+            else:
+                dq_c.sub_(_bmm(pg, kvf)).mul_(-s)
+            if dq_v is None:
+                dq_v = dq_c  # the single pass: (B*Hk, G*n, D)
+            else:
+                dq_v[:, :, :, r0:r1] = dq_c.view(b, hk, g, c, d)
+            # dk_j = s (sum_i (P G)_ij q_i  [visual keys: scattered below]  -  sum_i (P D)_ij q_i)
+            dk_vis = _bmm(pg.transpose(1, 2), qc)  # (B*Hk, n, D), rows = visual keys
+            if cdt == torch.float32:
+                dk[:, :tl].baddbmm_(pd.transpose(1, 2), qc, alpha=-1.0)
+            else:
+                dk[:, :tl].sub_(_bmm(pd.transpose(1, 2), qc))
+            # padded columns add exact zeros (their G was zeroed) to position 0: deterministic
+            dk.view(b, hk, t, d).scatter_add_(2, idx[:, None, :, None].expand(b, hk, n, d), dk_vis.view(b, hk, n, d))
+            del strip, pv, pg, pd, dq_c, dk_vis
+        dk.mul_(s)
+        dq = torch.zeros(b, hq, t, d, dtype=torch.float32, device=k.device)
+        # padded rows have dq = 0 (their strip rows are zero) and add it to position 0: deterministic
+        dq.scatter_add_(2, idx[:, None, :, None].expand(b, hq, n, d), dq_v.view(b, hq, n, d))
+        return (dq.to(q_dtype), dk.view(b, hk, t, d).to(k.dtype)) + (None,) * 6
+
+
+# ----------------------------------------------------------------------------- public op
 
 
 def visual_attention_probs(
@@ -203,6 +266,8 @@ def visual_attention_probs(
     scale: float,
     chunk_size: int | None = None,
     head_mean: bool = False,
+    impl: str = "auto",
+    key_len: int | None = None,
 ) -> torch.Tensor:
     """Visual-block attention probabilities with exact gradients in q and k.
 
@@ -212,17 +277,26 @@ def visual_attention_probs(
         lse: [B, Hq, T] fp32 log-sum-exp of ``scale * q.k`` over every key visible to each row
             (natural log, +inf for rows seeing no key).  It receives no gradient: it is treated as
             a function of q and k and the normaliser's gradient is included analytically.
-        vis_pos: [B, n] long, increasing positions of the visual tokens of each sample.
+        vis_pos: [B, n] long, increasing positions of the visual tokens of each sample; samples
+            with fewer visual tokens pad the tail with -1.
         scale: softmax scale used by the kernel that produced ``lse``.
-        chunk_size: visual query rows per backward strip (memory ~ B*Hq*chunk*T fp32);
-            ``None`` picks one for a ~1 MiB strip on CPU, ~16 MiB on accelerators.
-
-        head_mean: return the mean over query heads, [B, n, n], without ever holding all heads'
-            maps (the capture path uses this; same values and gradients as ``.mean(1)``).
+        chunk_size: torch path only: visual query rows per backward strip (memory ~
+            B*Hq*chunk*T fp32).  ``None``: one strip unless it would exceed
+            ``MEMORY_BUDGET_BYTES``.  Ignored by the triton path (its memory is O(tile)).
+        head_mean: return the mean over query heads, [B, n, n] (the capture path uses this; same
+            values and gradients as ``.mean(1)``).
+        impl: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`resolve_impl`).
+        key_len: optional Python int >= max(vis_pos) + 1 over the batch (known at collate time,
+            e.g. the end of the last image span).  Torch path: backward strips stop at this key
+            (keys after it are invisible to every visual row), which saves the strip's tail when
+            images sit early in long sequences.  ``None``: strips span all T keys (the op never
+            reads ``vis_pos`` on the host).  A value that is too small gives wrong gradients.
+            The triton path bounds its key loops on the device and ignores it.
 
     Returns:
-        [B, Hq, n, n] (or [B, n, n] with ``head_mean``) fp32 probabilities ``P[b,h,i,j]`` (rows: visual queries, cols: visual keys),
-        zero above the causal diagonal.
+        [B, Hq, n, n] (or [B, n, n] with ``head_mean``) fp32 probabilities ``P[b,h,i,j]`` (rows:
+        visual queries, cols: visual keys), zero above the causal diagonal and on padding rows /
+        columns.
     """
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be [B,H,T,D]; got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -235,5 +309,15 @@ def visual_attention_probs(
         raise ValueError(f"vis_pos must be a [B,n] long tensor with B={b}; got {tuple(vis_pos.shape)} {vis_pos.dtype}")
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    fn = _VisualAttentionMean if head_mean else _VisualAttentionProbs
-    return fn.apply(q, k, lse.detach(), vis_pos.to(q.device), float(scale), chunk_size)
+    if key_len is not None and not 1 <= int(key_len) <= t:
+        raise ValueError(f"key_len must be in [1, T={t}], got {key_len}")
+    name = resolve_impl(impl, q.device)
+    if vis_pos.device != q.device:
+        vis_pos = vis_pos.to(q.device, non_blocking=True)
+    lse = lse.detach().float()
+    if name == "triton":
+        from distill.attention import triton_visual
+
+        return triton_visual.visual_attention_probs_triton(q, k, lse, vis_pos, float(scale), head_mean=head_mean)
+    key_len = t if key_len is None else int(key_len)
+    return _TorchVisual.apply(q, k, lse, vis_pos, float(scale), chunk_size, bool(head_mean), key_len)
