@@ -11,7 +11,7 @@ setup(
         # Any torch >= 2.4 works; never pin a range that excludes an installed CPU/CUDA build.
         "torch>=2.4",
         "deepspeed>=0.16",
-        "transformers>=5.0,<6",
+        "transformers>=5.17,<6",  # lowest tested: `make test-lowest` runs 5.17.0
         "tokenizers>=0.20",
         "sentencepiece",
         "safetensors",
