@@ -1,19 +1,21 @@
 """Distillation losses: pure functions, fp32 inside, shapes in the docstrings.
 
 - :func:`logit_kd_loss`          token-level logit distillation (forward KL, reverse KL, JSD)
+- :func:`fused_lm_kd_loss`       LM cross-entropy + logit KD from hidden states, chunked (no [N, V] logits)
 - :func:`attention_alignment_loss`  visual-attention alignment (CompoDistill filtered cosine, cosine, KL)
 - :func:`match_layers`           which student layer learns from which window of teacher layers
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["KD_KINDS", "ATTN_KINDS", "logit_kd_loss", "attention_alignment_loss", "match_layers"]
+__all__ = ["KD_KINDS", "ATTN_KINDS", "logit_kd_loss", "fused_lm_kd_loss", "attention_alignment_loss", "match_layers"]
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 ATTN_KINDS = ("filtered_cosine", "cosine", "kl")
@@ -133,6 +135,243 @@ def logit_kd_loss(
     if reduction == "sum":
         return total
     return total / keep.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- fused LM + KD over hidden states
+
+
+def _linear_params(head, name: str):
+    """(weight [V, H], bias [V] or None) of an lm_head (``nn.Linear``-like: ``.weight``, ``.bias``)."""
+    w = getattr(head, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise TypeError(f"{name}: expected an nn.Linear-like lm_head with a 2-D .weight, got {type(head).__name__}")
+    b = getattr(head, "bias", None)
+    return w, (b if isinstance(b, torch.Tensor) else None)
+
+
+def _gathered(params):
+    """ZeRO-3: gather the partitioned parameters among ``params`` for the block (one all-gather
+    each, the same on every rank); a no-op for plain parameters."""
+    ds = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not ds:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(ds, modifier_rank=None)
+
+
+def _row_dot_(a: torch.Tensor, tmp: torch.Tensor, zero_where: torch.Tensor | None) -> torch.Tensor:
+    """sum_v a*tmp per row, 0 where ``zero_where`` (0 * log 0 = 0); overwrites ``tmp``. [c, V] -> [c]."""
+    tmp.mul_(a)
+    if zero_where is not None:
+        tmp.masked_fill_(zero_where, 0.0)
+    return tmp.sum(-1)
+
+
+def _chunk_terms(s, t, tgt, kind, temperature, beta, lm_w, kd_w, ignore_index):
+    """One chunk: s [c, V] and t [c, V] (or None) logits -> (lm [c], kd [c], dloss/ds [c, V]) in fp32.
+
+    Closed-form gradients of ``lm_w * CE(s, tgt) + kd_w * T^2 * D(s/T, t/T)`` with respect to the
+    student logits (rows with ``tgt == ignore_index`` get 0 everywhere); ``D`` is the divergence of
+    :func:`_divergence` with the same conventions (0 * log 0 = 0).
+    """
+    s = s.float()
+    keep = tgt != ignore_index
+    keep_f = keep.float()[:, None]
+    lse = torch.logsumexp(s, -1)  # (c,)
+    picked = s.gather(1, tgt.clamp(min=0)[:, None]).squeeze(1)
+    lm = (lse - picked) * keep_f[:, 0]
+    # d CE / ds = softmax(s) - onehot(tgt)
+    grad = torch.sub(s, lse[:, None]).exp_()
+    if lm_w != 1.0:
+        grad.mul_(lm_w)
+    grad.scatter_add_(1, tgt.clamp(min=0)[:, None], torch.full_like(picked, -lm_w)[:, None])
+    kd = torch.zeros_like(lm)
+    if t is not None:
+        temp = float(temperature)
+        z = s if temp == 1.0 else s / temp
+        logp_s = z - (lse if temp == 1.0 else torch.logsumexp(z, -1))[:, None]
+        del z
+        logp_t = F.log_softmax(t.float() / temp if temp != 1.0 else t.float(), dim=-1)
+        p_s, p_t = logp_s.exp(), logp_t.exp()
+        if kind == "jsd" and beta == 0.0:
+            kind = "forward_kl"
+        elif kind == "jsd" and beta == 1.0:
+            kind = "reverse_kl"
+        if kind == "forward_kl":  # KL(P_t || P_s); d/dz = p_s - p_t
+            d = _row_dot_(p_t, logp_t - logp_s, p_t == 0)
+            dz = p_s.sub_(p_t)
+        elif kind == "reverse_kl":  # KL(P_s || P_t); d/dz = p_s * (logp_s - logp_t - KL)
+            zero_s = p_s == 0
+            d = _row_dot_(p_s, logp_s - logp_t, zero_s)
+            dz = (logp_s - logp_t).sub_(d[:, None]).mul_(p_s).masked_fill_(zero_s, 0.0)
+        else:  # (1-b) KL(P_t||M) + b KL(P_s||M), M = (1-b) P_s + b P_t
+            b = float(beta)
+            logm = torch.logaddexp(logp_s + math.log(1.0 - b), logp_t + math.log(b))
+            zero_s = p_s == 0
+            d = (1.0 - b) * _row_dot_(p_t, logp_t - logm, p_t == 0) + b * _row_dot_(p_s, logp_s - logm, zero_s)
+            # df/dp_s = b (log p_s - log m) + b - (1-b) ((1-b) p_t + b p_s) / m ; dz = p_s (u - <p_s, u>)
+            u = (logp_s - logm).mul_(b)
+            u.sub_(((1.0 - b) * p_t + b * p_s).mul_(1.0 - b).div_(logm.exp_()))
+            u.masked_fill_(zero_s, 0.0)
+            u.sub_((u * p_s).sum(-1, keepdim=True)).mul_(p_s)
+            dz = u
+        kd = d * (temp**2) * keep_f[:, 0]
+        grad.add_(dz, alpha=kd_w * temp)  # d/ds = (1/T) d/dz, times T^2
+    grad.mul_(keep_f)
+    return lm, kd, grad
+
+
+class _FusedLMKD(torch.autograd.Function):
+    """Chunked LM + KD from hidden states; gradients are computed in forward, chunk by chunk.
+
+    Inputs: h_s [N, H_s], w_s [V_s, H_s], b_s [V_s] or None, h_t [N, H_t] or None, w_t, b_t,
+    tgt [N], and the options. Output: the weighted sum (differentiable) and the two unweighted
+    sums (not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, tgt, kind, temperature, beta, lm_w, kd_w, chunk, ignore_index):
+        n, v_s = h_s.shape[0], w_s.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = b_s is not None and ctx.needs_input_grad[2]
+        gh = torch.empty_like(h_s) if need_h else None
+        gw = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if need_w else None
+        gb = torch.zeros(v_s, dtype=torch.float32, device=w_s.device) if need_b else None
+        lm_total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        kd_total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        for i in range(0, n, chunk):
+            hs = h_s[i:i + chunk]
+            s = F.linear(hs, w_s, b_s)
+            t = None
+            if h_t is not None:
+                t = F.linear(h_t[i:i + chunk], w_t, b_t)[:, :v_s]
+            lm, kd, g = _chunk_terms(s, t, tgt[i:i + chunk], kind, temperature, beta, lm_w, kd_w, ignore_index)
+            del s, t
+            lm_total += lm.sum()
+            kd_total += kd.sum()
+            g = g.to(w_s.dtype)
+            if need_h:
+                gh[i:i + chunk] = (g @ w_s).to(h_s.dtype)
+            if need_w:
+                if g.dtype == torch.float32 and hs.dtype == torch.float32:
+                    gw.addmm_(g.t(), hs)
+                else:
+                    gw += (g.t() @ hs.to(g.dtype)).float()
+            if need_b:
+                gb += g.float().sum(0)
+            del g
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes = (w_s.dtype, b_s.dtype if b_s is not None else None)
+        ctx.mark_non_differentiable(lm_total, kd_total)
+        return lm_w * lm_total + kd_w * kd_total, lm_total, kd_total
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_lm, _g_kd):
+        gh, gw, gb = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        out_h = None if gh is None else gh * g_loss.to(gh.dtype)
+        out_w = None if gw is None else (gw * g_loss).to(w_dtype)
+        out_b = None if gb is None else (gb * g_loss).to(b_dtype)
+        return (out_h, out_w, out_b) + (None,) * 11
+
+
+def fused_lm_kd_loss(
+    student_hidden: torch.Tensor,
+    student_head,
+    targets: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head=None,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    lm_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    chunk_size: int = 256,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LM cross-entropy + logit KD from the final hidden states, in chunks of rows; no [N, V] tensor.
+
+    Per chunk of ``chunk_size`` rows both lm_heads are applied (``h @ W.T + b``), the terms and the
+    gradient with respect to the student logits are computed in fp32 in closed form, and the
+    chunk's contribution to the gradients of the student hidden states, lm_head weight (and bias)
+    is accumulated right away; the chunk's logits (student and teacher) are freed before the next
+    chunk. Backward only scales the stored gradients, so nothing is recomputed and the teacher head
+    runs once. Peak memory is about 6 fp32 [chunk, V] buffers (256 rows at V = 151,936: ~0.9 GiB),
+    plus an fp32 [V, H] gradient accumulator for a trainable student head.
+
+    Values equal ``F.cross_entropy(..., reduction="sum")`` and :func:`logit_kd_loss` with
+    ``reduction="sum"`` on the full logits ``h @ W.T`` (same divergence conventions, temperature
+    scaling by T^2, JSD beta, teacher vocabulary padding columns sliced off).
+
+    ZeRO-3: partitioned head weights (``ds_id``) are gathered once per call
+    (``deepspeed.zero.GatheredParameters``: one all-gather per head, the same number on every
+    rank whatever its row count, so ranks with different label counts cannot deadlock); the
+    full-shape weight gradient goes to the parameter's gradient accumulator, where DeepSpeed's
+    hook reduce-scatters it, as with a gradient from the module's own backward. Tied embeddings
+    share the parameter, so their gradients add up there.
+
+    Why not liger-kernel's ``LigerFusedLinearJSDLoss``: it is not a dependency, its JSD has no
+    reverse/forward-KL kinds with this module's conventions or a combined CE term with our
+    normalisation, and it takes a plain weight tensor (no ZeRO-3 gathering, no gradient delivery to
+    a partitioned parameter). The approach (gradients in forward, chunk by chunk) is the same.
+
+    Args:
+        student_hidden: [N, H_s] hidden states the student's lm_head consumes (after the final norm),
+            one row per target position.
+        student_head: the student's lm_head (``nn.Linear``-like: ``.weight [V_s, H_s]``, ``.bias``).
+        targets: [N] long; rows with ``ignore_index`` contribute 0 (padding rows of a fixed-size gather).
+        teacher_hidden / teacher_head: [N, H_t] and the teacher's lm_head with V_t >= V_s; ``None``:
+            no KD term (kd sum 0).
+        kind / temperature / beta: as in :func:`logit_kd_loss`.
+        lm_weight / kd_weight: weights of the differentiable sum.
+        chunk_size: rows per chunk.
+
+    Returns:
+        ``(loss, lm, kd)`` fp32 scalars: ``loss = lm_weight * lm + kd_weight * kd`` is differentiable
+        (w.r.t. ``student_hidden`` and the student head's parameters); ``lm`` (cross-entropy sum)
+        and ``kd`` (divergence sum, times T^2) are sums over the counted rows, not differentiable.
+        Zero counted rows give zeros (and zero gradients).
+    """
+    if kind not in KD_KINDS:
+        raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if student_hidden.dim() != 2 or targets.shape != student_hidden.shape[:1]:
+        raise ValueError(
+            f"student_hidden must be [N, H] and targets [N]; got {tuple(student_hidden.shape)}, {tuple(targets.shape)}"
+        )
+    if (teacher_hidden is None) != (teacher_head is None):
+        raise ValueError("give both teacher_hidden and teacher_head, or neither")
+    w_s, b_s = _linear_params(student_head, "student_head")
+    w_t = b_t = None
+    if teacher_hidden is not None:
+        if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != student_hidden.shape[0]:
+            raise ValueError(
+                f"teacher_hidden must be [N, H_t] with the student's N; got {tuple(teacher_hidden.shape)} "
+                f"vs {tuple(student_hidden.shape)}"
+            )
+        w_t, b_t = _linear_params(teacher_head, "teacher_head")
+    with _gathered([w_s, b_s, w_t, b_t]):
+        v_s, v_t = w_s.shape[0], (w_t.shape[0] if w_t is not None else None)
+        if v_t is not None and v_t < v_s:
+            raise ValueError(
+                f"teacher vocabulary ({v_t}) is smaller than the student's ({v_s}); only extra padding rows on the "
+                "teacher side can be handled - the two models must share a tokenizer"
+            )
+        th = None
+        if teacher_hidden is not None:
+            th = teacher_hidden.detach()
+            w_t, b_t = w_t.detach(), (b_t.detach() if b_t is not None else None)
+        return _FusedLMKD.apply(
+            student_hidden, w_s, b_s, th, w_t, b_t, targets.to(student_hidden.device), kind, float(temperature),
+            float(beta), float(lm_weight), float(kd_weight), chunk_size, ignore_index,
+        )
 
 
 # ----------------------------------------------------------------------------- attention alignment

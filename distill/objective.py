@@ -3,7 +3,17 @@
 ``DistillObjective(loss_cfg, student_model, teacher_model)`` installs the fused attention on both
 models, picks the matched layers (:func:`distill.losses.match_layers`) and sets up capture.
 Calling it runs the student (and, when a teacher term has weight, the teacher under
-``torch.no_grad()``), shifts logits/labels and returns the weighted loss and its unweighted terms.
+``torch.no_grad()``) and returns the weighted loss and its unweighted terms.
+
+Logits (DESIGN.md "Logits"): the forwards run with ``logits_to_keep=1`` (a [B, 1, V] tensor, not
+used) and a forward hook on the base model (``model.base_model``, LLaVA's ``LlavaModel``) takes
+its output, the final normed hidden state that the model feeds its lm_head; this works the same
+through a DeepSpeed engine (the hook sits on the wrapped module). Only the rows of shifted labelled
+positions (``labels[:, 1:] != -100``) are gathered, on the device: ``torch.nonzero_static`` with the
+count ``batch["num_targets"]`` (a Python int from :func:`distill.data.collate.collate`; without it
+the count is read with one host sync). :func:`distill.losses.fused_lm_kd_loss` then applies both
+lm_heads per chunk of ``loss.logits_chunk_size`` rows, so no [B, T, V] tensor exists for either
+model.
 
 Normalisation (so gradient accumulation equals one big batch): token terms are *sums* over valid
 shifted label positions divided by ``num_tokens``; the attention term is a sum over samples with
@@ -21,7 +31,7 @@ import torch.nn.functional as F
 
 from distill.attention import AttentionCapture, install, text_decoder_layers
 from distill.attention.kernels import BACKENDS
-from distill.losses import ATTN_KINDS, KD_KINDS, attention_alignment_loss, logit_kd_loss, match_layers
+from distill.losses import ATTN_KINDS, KD_KINDS, attention_alignment_loss, fused_lm_kd_loss, match_layers
 
 __all__ = ["LossConfig", "DistillObjective"]
 
@@ -42,8 +52,9 @@ class LossConfig:
     """Softmax temperature T of both models; the divergence is scaled by T^2."""
     kd_beta: float = 0.5
     """JSD interpolation: 0 -> forward KL, 1 -> reverse KL."""
-    kd_chunk_size: int | None = None
-    """Positions per chunk of the KD loss (recomputed in backward); ``None``: one pass."""
+    logits_chunk_size: int = 256
+    """Labelled rows per chunk of the fused LM + KD loss (both lm_heads applied per chunk, fp32
+    math): peak logits memory is about 6 x rows x V x 4 bytes (256 rows, V = 151,936: ~0.9 GiB)."""
     attn_weight: float = 0.0
     """Weight of the visual-attention alignment term (needs a teacher)."""
     attn_kind: str = "filtered_cosine"
@@ -77,7 +88,10 @@ class LossConfig:
             raise ValueError(f"loss.kd_temperature: must be > 0, got {self.kd_temperature!r}")
         if not isinstance(self.kd_beta, (int, float)) or not 0 <= self.kd_beta <= 1:
             raise ValueError(f"loss.kd_beta: must be in [0, 1], got {self.kd_beta!r}")
-        for name in ("kd_chunk_size", "attn_chunk_size", "num_layers", "window"):
+        v = self.logits_chunk_size
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"loss.logits_chunk_size: must be a positive int, got {v!r}")
+        for name in ("attn_chunk_size", "num_layers", "window"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"loss.{name}: must be a positive int or null, got {v!r}")
@@ -99,6 +113,53 @@ def _unwrap(model):
     return model
 
 
+class _HiddenCapture:
+    """Forward hook on a model's base model that keeps its output's first tensor: the final
+    (normed) hidden state [B, T, H] that the model's lm_head consumes."""
+
+    def __init__(self, model):
+        base = getattr(model, "base_model", None)
+        if not isinstance(base, torch.nn.Module) or base is model:
+            raise TypeError(f"{type(model).__name__}: no base model to take the final hidden state from")
+        head = model.get_output_embeddings()
+        if head is None:
+            raise TypeError(f"{type(model).__name__}: no lm_head (get_output_embeddings() is None)")
+        self.base, self.head = base, head
+        self.value = None
+
+    def _hook(self, module, args, output):
+        self.value = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+
+    @contextlib.contextmanager
+    def record(self):
+        self.value = None
+        handle = self.base.register_forward_hook(self._hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def take(self) -> torch.Tensor:
+        h, self.value = self.value, None
+        if h is None:
+            raise RuntimeError("the model forward did not run its base model (no hidden state captured)")
+        return h
+
+
+def _target_rows(labels: torch.Tensor, count) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch index [N], position [N], target [N]) of the shifted labelled positions, in row-major
+    order; ``count`` (Python int, ``labels[:, 1:] != -100`` summed) keeps it free of host syncs."""
+    tgt = labels[:, 1:]
+    keep = (tgt != IGNORE_INDEX).reshape(-1)
+    if count is None:
+        count = int(keep.sum())  # one host sync; collate's ``num_targets`` avoids it
+    flat = torch.nonzero_static(keep, size=int(count), fill_value=0).squeeze(1)
+    if hasattr(torch, "_assert_async"):  # async on accelerators: a wrong count fails the step
+        torch._assert_async(keep.sum() == int(count), "batch['num_targets'] != (labels[:, 1:] != -100).sum()")
+    t1 = tgt.shape[1]
+    return flat // t1, flat % t1, tgt.reshape(-1)[flat]
+
+
 class DistillObjective:
     """Weighted LM + KD + attention-alignment objective (see module docstring)."""
 
@@ -113,6 +174,8 @@ class DistillObjective:
         install(student_model, loss_cfg.backend)
         if teacher_model is not None:
             install(teacher_model, loss_cfg.backend)
+        self.student_hidden = _HiddenCapture(student_model)
+        self.teacher_hidden = _HiddenCapture(teacher_model) if teacher_model is not None else None
         self.student_layers: list[int] = []
         self.teacher_windows: list[list[int]] = []
         self.student_capture = self.teacher_capture = None
@@ -146,13 +209,16 @@ class DistillObjective:
                 engine); ``teacher_fn`` may be ``None`` only when kd/attn weights are 0.
             batch: ``input_ids [B,T]``, ``attention_mask [B,T]`` (right padding), ``labels [B,T]``
                 (unshifted, -100 ignored), ``pixel_values`` or None, ``has_image [B]``,
-                ``vis_pos [B,n]``.
+                ``vis_pos [B,n]``; optional ``num_targets``: Python int, ``(labels[:, 1:] != -100).sum()``
+                (collate provides it; without it the labelled rows are counted with one host sync).
             num_tokens: divisor of the token terms (global count of the step); default local count.
             num_images: divisor of the attention term; default local count of samples with an image.
 
         Returns:
             ``{"loss", "lm", "kd", "attn"}`` scalar fp32 tensors (no host sync); the terms are
-            unweighted and still attached to the graph (detach them for logging).
+            unweighted; ``loss`` is differentiable, ``lm`` and ``kd`` are not (their gradients
+            are computed inside :func:`distill.losses.fused_lm_kd_loss` for the weighted sum),
+            ``attn`` is attached to the graph.
         """
         cfg = self.cfg
         inputs = self._inputs(batch)
@@ -166,30 +232,32 @@ class DistillObjective:
             has_image = torch.ones(vis_pos.shape[0], dtype=torch.bool, device=vis_pos.device)
 
         s_ctx = self.student_capture.record(vis_pos, has_image) if use_attn else contextlib.nullcontext()
-        with s_ctx as s_rec:
-            s_out = student_fn(**inputs)
-        t_out = t_rec = None
+        with s_ctx as s_rec, self.student_hidden.record():
+            student_fn(**inputs, logits_to_keep=1)  # the [B, 1, V] logits are not used
+        s_h = self.student_hidden.take()  # (B, T, H_s), final norm applied
+        t_h = t_rec = None
         if cfg.needs_teacher():
             t_ctx = self.teacher_capture.record(vis_pos, has_image) if use_attn else contextlib.nullcontext()
-            with torch.no_grad(), t_ctx as t_rec:
-                t_out = teacher_fn(**inputs)
+            with torch.no_grad(), t_ctx as t_rec, self.teacher_hidden.record():
+                teacher_fn(**inputs, logits_to_keep=1)
+            t_h = self.teacher_hidden.take()
 
-        s_logits = s_out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-        tgt = labels[:, 1:].to(s_logits.device)
+        device = s_h.device
+        rows_b, rows_t, tgt = _target_rows(labels.to(device), batch.get("num_targets"))
         if num_tokens is None:
-            num_tokens = (tgt != IGNORE_INDEX).sum().clamp(min=1)
-        zero = torch.zeros((), dtype=torch.float32, device=s_logits.device)
-
-        v = s_logits.shape[-1]
-        lm = F.cross_entropy(
-            s_logits.float().reshape(-1, v), tgt.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        ) / num_tokens
-        kd = zero
-        if cfg.kd_weight > 0:
-            kd = logit_kd_loss(
-                s_logits, t_out.logits[:, :-1], tgt, cfg.kd_kind, cfg.kd_temperature, IGNORE_INDEX,
-                beta=cfg.kd_beta, chunk_size=cfg.kd_chunk_size, reduction="sum",
-            ) / num_tokens
+            num_tokens = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        use_kd = cfg.kd_weight > 0
+        weighted, lm_sum, kd_sum = fused_lm_kd_loss(
+            s_h[rows_b, rows_t], self.student_hidden.head, tgt,
+            t_h[rows_b.to(t_h.device), rows_t.to(t_h.device)].to(device) if use_kd else None,
+            self.teacher_hidden.head if use_kd else None,
+            kind=cfg.kd_kind, temperature=cfg.kd_temperature, beta=cfg.kd_beta,
+            lm_weight=cfg.lm_weight, kd_weight=cfg.kd_weight, chunk_size=cfg.logits_chunk_size,
+            ignore_index=IGNORE_INDEX,
+        )
+        del s_h, t_h
+        lm, kd = lm_sum / num_tokens, kd_sum / num_tokens
         attn = zero
         if use_attn:
             s_maps = s_rec.maps  # (L, B, n, n)
@@ -201,8 +269,7 @@ class DistillObjective:
                 s_maps, t_maps, has_image, kind=cfg.attn_kind, reduction="sum"
             ) / num_images
 
-        loss = zero
-        for w, term in ((cfg.lm_weight, lm), (cfg.kd_weight, kd), (cfg.attn_weight, attn)):
-            if w > 0:
-                loss = loss + w * term
+        loss = weighted / num_tokens  # lm_weight * lm + kd_weight * kd, differentiable
+        if cfg.attn_weight > 0:
+            loss = loss + cfg.attn_weight * attn
         return {"loss": loss, "lm": lm, "kd": kd, "attn": attn}

@@ -14,7 +14,9 @@ def collate(samples: list[Encoded], pad_token_id: int, image_token_id: int) -> d
     ``labels [B,T] long`` (-100 on padding), ``pixel_values [N_img,3,H,W]`` for the samples with an
     image, in batch order (None when none has one), ``has_image [B] bool`` and ``vis_pos [B,n] long``:
     the increasing positions where ``input_ids == image_token_id`` (``n`` image tokens per image, 0
-    when no sample has an image; rows of text-only samples hold ``arange(n)``).
+    when no sample has an image; rows of text-only samples hold ``arange(n)``) and ``num_targets``,
+    a Python int: the shifted labelled positions ``(labels[:, 1:] != -100).sum()``, so the
+    objective can gather those rows without a host sync.
     """
     if not samples:
         raise ValueError("collate: empty sample list")
@@ -51,4 +53,5 @@ def collate(samples: list[Encoded], pad_token_id: int, image_token_id: int) -> d
         "pixel_values": pixel_values,
         "has_image": has_image,
         "vis_pos": vis_pos,
+        "num_targets": sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples),
     }
