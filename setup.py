@@ -26,6 +26,6 @@ setup(
         "flash": ["flash-attn>=2.5"],
         "lora": ["peft>=0.10"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest>=7", "peft>=0.10", "tensorboard"],
+        "test": ["pytest>=7", "peft>=0.10", "tensorboard", 'triton; platform_system == "Linux" and platform_machine == "x86_64"'],
     },
 )
