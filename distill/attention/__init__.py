@@ -1,7 +1,7 @@
 """Attention capture on fused kernels: kernel seam, exact visual-block op, model capture."""
 
 from distill.attention.kernels import BACKENDS, attention_with_lse, resolve_backend
-from distill.attention.visual import visual_attention_probs
+from distill.attention.visual import IMPLS as VISUAL_IMPLS, resolve_impl, visual_attention_probs
 from distill.attention.capture import AttentionCapture, Recording, install, right_padded, text_decoder_layers
 
 __all__ = [
@@ -12,6 +12,8 @@ __all__ = [
     "install",
     "resolve_backend",
     "right_padded",
+    "VISUAL_IMPLS",
+    "resolve_impl",
     "text_decoder_layers",
     "visual_attention_probs",
 ]
