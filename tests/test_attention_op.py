@@ -184,3 +184,126 @@ def test_unknown_backend():
         attention_with_lse(q, q, q, backend="nope")
     with pytest.raises(ValueError, match="CUDA"):
         attention_with_lse(q, q, q, backend="sdpa_flash")
+
+
+# ----------------------------------------------------------------------------- loop-free torch path
+
+
+def _reference_padded(q, k, vis_pos, scale, inf_rows=None):
+    """fp64 eager reference with -1 padding (and rows given lse = +inf) zeroed."""
+    blk = _reference(q, k, vis_pos.clamp(min=0), scale)
+    ok = vis_pos >= 0
+    keep = (ok[:, None, :, None] & ok[:, None, None, :]).expand(blk.shape)
+    if inf_rows is not None:
+        keep = keep & ~inf_rows[..., None]
+    return blk * keep
+
+
+# sample 0: two images with text between; sample 1: one image of 6 tokens, tail padded with -1
+VIS_PAD = torch.tensor([[1, 2, 3, 9, 10, 11, 12, 13], [14, 15, 16, 17, 18, 19, -1, -1]])
+
+
+@pytest.mark.parametrize("head_mean", [False, True], ids=["per_head", "head_mean"])
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("heads", [(4, 2), (6, 1), (4, 4)])
+def test_torch_path_padding_two_images_inf_rows(heads, chunk, head_mean):
+    hq, hk = heads
+    q, k = _inputs(b=2, hq=hq, hk=hk, t=23, d=8, seed=4)
+    scale = 0.37
+    lse = _lse(q, k, scale).detach().float()
+    inf_rows = torch.zeros(2, hq, 8, dtype=torch.bool)
+    inf_rows[1, :, 2] = True  # a row that sees no key (explicit-mask kernels mark it +inf)
+    lse[1, :, 16] = float("inf")
+    p = visual_attention_probs(q, k, lse, VIS_PAD, scale, chunk_size=chunk, head_mean=head_mean, impl="torch")
+    ref = _reference_padded(q, k, VIS_PAD, scale, inf_rows)
+    if head_mean:
+        ref = ref.mean(1)
+    torch.testing.assert_close(p.double(), ref, atol=1e-6, rtol=1e-6)
+    pp = p if not head_mean else p[:, None]
+    assert (pp[1, :, 6:] == 0).all() and (pp[1, :, :, 6:] == 0).all()  # padding rows / columns
+    assert (pp[1, :, 2] == 0).all()  # +inf lse row
+    w = torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    g1 = torch.autograd.grad((p.double() * w).sum(), (q, k))
+    g2 = torch.autograd.grad((ref * w).sum(), (q, k))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(g1[0]).all() and torch.isfinite(g1[1]).all()
+
+
+def test_torch_path_memory_budget_chunks_and_key_len(monkeypatch):
+    """Chunking above the memory budget, and a collate-time key bound, leave results unchanged."""
+    import distill.attention.visual as visual_mod
+
+    q, k = _inputs(b=2, hq=4, hk=2, t=23, d=8, seed=7)
+    scale = 0.3
+    lse = _lse(q, k, scale).detach().float()
+    w = torch.randn(2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+
+    def run(**kw):
+        m = visual_attention_probs(q, k, lse, VIS_PAD, scale, head_mean=True, impl="torch", **kw)
+        return (m,) + torch.autograd.grad((m.double() * w).sum(), (q, k))
+
+    base = run()
+    bounded = run(key_len=20)  # max(vis_pos) + 1 = 20
+    monkeypatch.setattr(visual_mod, "MEMORY_BUDGET_BYTES", 2 * 4 * 4 * 23 * 3)  # 3 rows per strip
+    chunked = run()
+    for a, b, c in zip(base, bounded, chunked):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="key_len"):
+        visual_attention_probs(q, k, lse, VIS_PAD, scale, key_len=0)
+    with pytest.raises(ValueError, match="unknown visual attention impl"):
+        visual_attention_probs(q, k, lse, VIS_PAD, scale, impl="fast")
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts non-view ATen ops (views alias their input and launch no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            name = str(func.overloadpacket)
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _no_host_reads(monkeypatch):
+    def refuse(name):
+        def f(*a, **kw):
+            raise AssertionError(f"host read of a tensor (Tensor.{name}) inside visual_attention_probs")
+
+        return f
+
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "nonzero", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+
+
+def _one_layer_ops(monkeypatch, b, hq, hk, t=2048, d=128, n=729, start=5):
+    g = torch.Generator().manual_seed(0)
+    # HF layout: [B, T, H, D] projections transposed to [B, H, T, D] (non-contiguous)
+    q = torch.randn(b, t, hq, d, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, t, hk, d, generator=g).transpose(1, 2).requires_grad_()
+    lse = torch.randn(b, hq, t, generator=g) + 8.0
+    vis = (torch.arange(n) + start).expand(b, n).contiguous()
+    w = torch.randn(b, n, n, generator=g)
+    with monkeypatch.context() as mp:
+        _no_host_reads(mp)
+        with _CountOps() as counter:
+            m = visual_attention_probs(q, k, lse, vis, d**-0.5, head_mean=True, impl="torch")
+            gq, gk = torch.autograd.grad(m, (q, k), w)
+    assert m.shape == (b, n, n) and gq.shape == q.shape and gk.shape == k.shape
+    return counter.ops
+
+
+def test_torch_path_op_count_real_layer_shape(monkeypatch):
+    """One captured layer (16 heads, D=128, T=2048, n=729): a bounded, shape-independent number of
+    ATen ops for forward + backward, and no host reads (item / tolist / nonzero / bool)."""
+    real = _one_layer_ops(monkeypatch, b=1, hq=16, hk=16)
+    total = sum(real.values())
+    assert total <= 40, real
+    assert "aten._local_scalar_dense" not in real and "aten.nonzero" not in real, real
+    small = _one_layer_ops(monkeypatch, b=2, hq=4, hk=2)
+    assert sum(small.values()) == total, (real, small)  # no loops over heads, batch or chunks
