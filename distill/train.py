@@ -234,9 +234,15 @@ class BatchStream:
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Skipped samples of this rank by reason (cumulative over epochs and resumes)."""
+        """Counts of this rank by reason (cumulative over epochs and resumes): skipped samples,
+        shard read errors and truncated samples alike (see ``distill.data.stats``)."""
         stats = getattr(self.loader, "stats", None)
         return stats.as_dict() if stats is not None else {}
+
+    def data_counts(self) -> tuple[int, int, int]:
+        """(skipped samples, shard read errors, samples truncated at max_length) of this rank."""
+        stats = getattr(self.loader, "stats", None)
+        return (stats.total, stats.read_errors, stats.truncated) if stats is not None else (0, 0, 0)
 
     def state(self) -> dict:
         return {"loader": self.loader.state_dict(), "skipped": self.skipped}
@@ -290,6 +296,7 @@ def _say(rank: int, msg: str):
 def train(cfg: TrainConfig) -> dict:
     """Run one stage; returns a summary dict (rank 0 has the full one)."""
     from distill import engine as E
+    from distill.attention import right_padded
     from distill.checkpoint import CheckpointManager
     from distill.data import build_loader
     from distill.models import build_student, build_teacher, load_processor, save_student_checkpoint
@@ -322,13 +329,17 @@ def train(cfg: TrainConfig) -> dict:
         select_trainable=lambda m: select_trainable(m, mcfg),
     )
     objective = DistillObjective(cfg.loss, engines.student_model, engines.teacher_model)
-    student_fn = engines.student
+    # distill.data collates right-padded batches (placeholder rows too): say so, so the attention
+    # mask function needs no host sync to find it out on every forward
+    def student_fn(**kw):
+        with right_padded():
+            return engines.student(**kw)
 
     def teacher_fn(**kw):
-        with torch.no_grad():
+        with torch.no_grad(), right_padded():
             return engines.teacher(**kw)
 
-    ckpts = CheckpointManager(out_dir / "checkpoints", rank, world, cfg.run.keep_last)
+    ckpts = CheckpointManager(out_dir / "checkpoints", rank, world, cfg.run.keep_last, device=dist_info.device)
     start_step, nonfinite_total = 0, 0
     resume_from = ckpts.resolve(cfg.run.resume)
     if resume_from is not None:
@@ -343,7 +354,13 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- loop -----------------------------------------------------------------------------
     accum, dev = cfg.deepspeed.grad_accum, dist_info.device
-    acc = torch.zeros(len(LOSS_TERMS) + 2, dtype=torch.float64, device=dev)  # terms, tokens, samples
+    # Per log window: ``terms`` holds this rank's sums of the loss terms (all-reduced and averaged
+    # at the log step); ``counts`` the *global* valid tokens and real samples of each step, already
+    # summed over ranks when the step's normalisers were made, so it is never all-reduced again.
+    # tokens_per_s = sum over the window's steps of the global valid tokens / window seconds;
+    # samples_per_s likewise with the samples the loader gave (placeholder image rows excluded).
+    terms = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=dev)
+    counts_window = torch.zeros(2, dtype=torch.float64, device=dev)  # global tokens, global samples
     window_steps, nonfinite_in_row, t_window = 0, 0, time.perf_counter()
     bar = None
     if rank == 0 and cfg.run.progress_bar:
@@ -354,13 +371,15 @@ def train(cfg: TrainConfig) -> dict:
     last = {}
     engines.student.train()
     for step in range(start_step, cfg.run.steps):
-        micro = [to_device(add_placeholder_image(next(stream), placeholder), dev, dtype) for _ in range(accum)]
+        raw = [next(stream) for _ in range(accum)]
+        real_samples = sum(int(mb["input_ids"].shape[0]) for mb in raw)  # host ints: before placeholder rows
+        micro = [to_device(add_placeholder_image(mb, placeholder), dev, dtype) for mb in raw]
         counts = torch.zeros(3, dtype=torch.float64, device=dev)
+        counts[2] = real_samples
         for mb in micro:
             tokens, images = count_targets(mb)
             counts[0] += tokens
             counts[1] += images
-            counts[2] += mb["input_ids"].shape[0]
         E.all_reduce_sum(counts)  # global tokens / images / samples of this optimizer step
         num_tokens, num_images = counts[0].clamp(min=1), counts[1].clamp(min=1)
         lr = engines.lr()  # the rate this step's update uses
@@ -371,9 +390,8 @@ def train(cfg: TrainConfig) -> dict:
             engines.step()
             for i, k in enumerate(LOSS_TERMS):
                 if k in out and out[k] is not None:
-                    acc[i] += out[k].detach().to(torch.float64)
-        acc[-2] += counts[0]
-        acc[-1] += counts[2]
+                    terms[i] += out[k].detach().to(torch.float64)
+        counts_window += counts[0::2]  # global tokens and samples of this step
         window_steps += 1
         if engines.step_applied():
             nonfinite_in_row = 0
@@ -392,19 +410,21 @@ def train(cfg: TrainConfig) -> dict:
 
         # ---- log (the only host sync of the loop) -------------------------------------------
         if done % cfg.run.log_every == 0 or done == cfg.run.steps:
-            E.all_reduce_sum(acc)
-            vals = acc.tolist()
-            skipped = torch.tensor([sum(stream.skipped.values())], dtype=torch.float64, device=dev)
-            E.all_reduce_sum(skipped)
+            E.all_reduce_sum(terms)
+            vals = terms.tolist()
+            tokens_w, samples_w = counts_window.tolist()
+            data_counts = torch.tensor(stream.data_counts(), dtype=torch.float64, device=dev)
+            skipped, read_errors, truncated = (int(v) for v in E.all_reduce_sum(data_counts).tolist())
             peak = torch.tensor([peak_rss_mb(), peak_accelerator_mb()], dtype=torch.float64, device=dev)
             E.all_reduce_max(peak)
             dt = time.perf_counter() - t_window
             last = {"step": done, "stage": cfg.stage,
                     **{k: vals[i] / window_steps for i, k in enumerate(LOSS_TERMS)},
                     "lr": lr,
-                    "tokens_per_s": vals[-2] / dt, "samples_per_s": vals[-1] / dt,
+                    "tokens_per_s": tokens_w / dt, "samples_per_s": samples_w / dt,
                     "step_time_s": dt / window_steps,
-                    "skipped_samples": int(skipped.item()), "nonfinite_steps": nonfinite_total,
+                    "skipped_samples": skipped, "shard_read_errors": read_errors, "truncated_samples": truncated,
+                    "nonfinite_steps": nonfinite_total,
                     "peak_rss_mb": peak[0].item()}
             if peak[1].item() > 0:
                 last["peak_accelerator_mb"] = peak[1].item()
@@ -412,11 +432,12 @@ def train(cfg: TrainConfig) -> dict:
             if gn is not None:
                 last["grad_norm"] = gn
             if rank == 0 and stream.skipped:
-                last["skipped_by_reason_rank0"] = dict(stream.skipped)
+                last["data_by_reason_rank0"] = dict(stream.skipped)  # skips, read errors, truncations
             logger.log(last)
             if bar is not None:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            acc.zero_()
+            terms.zero_()
+            counts_window.zero_()
             window_steps, t_window = 0, time.perf_counter()
         if bar is not None:
             bar.update(1)

@@ -105,7 +105,7 @@ def test_truncation_keeps_image_tokens(processor):
     img_end = int(pos[-1]) + 1
     cut = img_end + 10
     got = SampleEncoder(processor, max_length=cut).encode_messages(msgs, img)
-    assert got.input_ids.numel() == cut
+    assert got.input_ids.numel() == cut and got.truncated and not full.truncated
     assert torch.equal(got.input_ids, full.input_ids[:cut]) and torch.equal(got.labels, full.labels[:cut])
     assert int((got.input_ids == enc0.image_token_id).sum()) == pos.numel()
     with pytest.raises(SkipSample) as e:
@@ -241,6 +241,27 @@ def test_bad_samples_are_counted_not_fatal(processor, tmp_path):
     for reason in ("image_decode_error", "bad_record", "missing_image", "shard_read_error"):
         assert st.get(reason, 0) >= 1, st
     assert loader.stats.yielded == 12
+    # read errors are events, not samples: reported apart from the skipped-sample count
+    stats = loader.stats
+    assert stats.read_errors == st["shard_read_error"] + st.get("shard_short", 0)
+    assert stats.total == sum(v for k, v in st.items() if k not in ("shard_read_error", "shard_short"))
+    assert "shard read errors" in stats.summary() and f"{stats.total} skipped" in stats.summary()
+
+
+def test_text_truncated_at_max_length_is_counted(processor, mixed):
+    shards, _ = mixed
+    full = build_loader(cfg(shards, max_length=4096, shuffle_buffer=0, batch_size=1), processor, rank=0,
+                        world_size=1, seed=0, with_keys=True)
+    length = {b["sample_keys"][0]: int(b["attention_mask"].sum()) for b in full}
+    assert full.stats.truncated == 0
+    limit = sorted(length.values())[len(length) // 2]
+    cut = build_loader(cfg(shards, max_length=limit, shuffle_buffer=0, batch_size=1), processor, rank=0,
+                       world_size=1, seed=0, with_keys=True)
+    kept = [b["sample_keys"][0] for b in cut]
+    want = sum(length[k] > limit for k in kept)
+    assert want > 0 and cut.stats.truncated == want, (cut.stats.as_dict(), want)
+    assert cut.stats.total == cut.stats.as_dict().get("image_truncated", 0) + cut.stats.as_dict().get("no_labels", 0)
+    assert "truncated at max_length" in cut.stats.summary()
 
 
 def test_config_and_shard_errors(processor, mixed, tmp_path):

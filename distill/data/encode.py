@@ -50,6 +50,8 @@ class Encoded:
     labels: torch.Tensor
     pixel_values: torch.Tensor | None
     key: str = ""
+    truncated: bool = False
+    """Text after ``max_length`` was cut (the loader counts it as ``text_truncated``)."""
 
 
 class SampleEncoder:
@@ -214,7 +216,9 @@ class SampleEncoder:
             labels = labels[:p] + [IGNORE_INDEX] * len(expansion) + labels[p + 1:]
             if p + len(expansion) > self.max_length:
                 raise SkipSample("image_truncated", f"{key}: image tokens end at {p + len(expansion)} > max_length {self.max_length}")
+        truncated = len(ids) > self.max_length
         ids, labels = ids[: self.max_length], labels[: self.max_length]
         if all(lab == IGNORE_INDEX for lab in labels):
             raise SkipSample("no_labels", f"{key}: no assistant token within max_length {self.max_length}")
-        return Encoded(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), pixel_values, key)
+        return Encoded(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), pixel_values, key,
+                       truncated)

@@ -38,7 +38,7 @@ from .collate import collate
 from .config import DataConfig
 from .encode import SampleEncoder, SkipSample
 from .shardlist import ShardInfo, resolve_shards, split_by_node, split_by_worker
-from .stats import SkipStats
+from .stats import TRUNCATED, SkipStats
 
 SKIPS_KEY = "_data_skips"  # per-batch skip-count delta shipped from readers, removed before yield
 POS_KEY = "_data_pos"  # (reader, raw samples emitted by its shuffle buffer), removed before yield
@@ -167,13 +167,17 @@ class EpochStream(IterableDataset):
                 if pos["emitted"] <= skip_raw:
                     continue
                 try:
-                    yield self.encoder.encode(raw)
-                    streak = 0
+                    sample = self.encoder.encode(raw)
                 except SkipSample as e:
                     stats.add(e.reason, e.detail)
                     streak += 1
                     if streak >= limit:
                         raise RuntimeError(f"data: {limit} consecutive samples were unusable; skip counts {stats.as_dict()}") from None
+                    continue
+                streak = 0
+                if sample.truncated:
+                    stats.add(TRUNCATED, f"{sample.key}: text cut at max_length {self.cfg.max_length}")
+                yield sample
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
