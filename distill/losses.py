@@ -143,7 +143,8 @@ def logit_kd_loss(
 def _linear_params(head, name: str):
     """(weight [V, H], bias [V] or None) of an lm_head (``nn.Linear``-like: ``.weight``, ``.bias``)."""
     w = getattr(head, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+    shape = getattr(w, "ds_shape", None) or getattr(w, "shape", ())  # ZeRO-3: the unpartitioned shape
+    if not isinstance(w, torch.Tensor) or len(shape) != 2:
         raise TypeError(f"{name}: expected an nn.Linear-like lm_head with a 2-D .weight, got {type(head).__name__}")
     b = getattr(head, "bias", None)
     return w, (b if isinstance(b, torch.Tensor) else None)
@@ -158,6 +159,29 @@ def _gathered(params):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(ds, modifier_rank=None)
+
+
+def _release_after_grad(p):
+    """Post-accumulate-grad hook (after DeepSpeed's reduce-scatter hook): re-partition a ZeRO-3
+    parameter that :func:`_gather_for_grad` gathered."""
+    if getattr(p, "_fused_loss_gathered", False):
+        p._fused_loss_gathered = False
+        p.partition()
+
+
+def _gather_for_grad(p):
+    """ZeRO-3: a full-shape gradient can only be accumulated into a gathered parameter (autograd
+    clones it to the parameter's layout), so gather it for its AccumulateGrad (one all-gather,
+    the same on every rank) and re-partition right after DeepSpeed has reduced the gradient."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if p.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+        return
+    if not getattr(p, "_fused_loss_hook", False):
+        p.register_post_accumulate_grad_hook(_release_after_grad)  # runs after DeepSpeed's own
+        p._fused_loss_hook = True
+    p.all_gather()
+    p._fused_loss_gathered = True
 
 
 def _row_dot_(a: torch.Tensor, tmp: torch.Tensor, zero_where: torch.Tensor | None) -> torch.Tensor:
@@ -263,6 +287,7 @@ class _FusedLMKD(torch.autograd.Function):
             del g
         ctx.save_for_backward(gh, gw, gb)
         ctx.dtypes = (w_s.dtype, b_s.dtype if b_s is not None else None)
+        ctx.params = (w_s, b_s)  # the parameters themselves (ZeRO-3: gathered again in backward)
         ctx.mark_non_differentiable(lm_total, kd_total)
         return lm_w * lm_total + kd_w * kd_total, lm_total, kd_total
 
@@ -273,6 +298,9 @@ class _FusedLMKD(torch.autograd.Function):
         out_h = None if gh is None else gh * g_loss.to(gh.dtype)
         out_w = None if gw is None else (gw * g_loss).to(w_dtype)
         out_b = None if gb is None else (gb * g_loss).to(b_dtype)
+        for p, g in zip(ctx.params, (out_w, out_b)):
+            if g is not None and hasattr(p, "ds_id"):
+                _gather_for_grad(p)
         return (out_h, out_w, out_b) + (None,) * 11
 
 
@@ -307,10 +335,12 @@ def fused_lm_kd_loss(
 
     ZeRO-3: partitioned head weights (``ds_id``) are gathered once per call
     (``deepspeed.zero.GatheredParameters``: one all-gather per head, the same number on every
-    rank whatever its row count, so ranks with different label counts cannot deadlock); the
-    full-shape weight gradient goes to the parameter's gradient accumulator, where DeepSpeed's
-    hook reduce-scatters it, as with a gradient from the module's own backward. Tied embeddings
-    share the parameter, so their gradients add up there.
+    rank whatever its row count, so ranks with different label counts cannot deadlock). In
+    backward the student head weight is gathered once more for its gradient accumulator (autograd
+    needs the full shape there), DeepSpeed's hook reduce-scatters the full-shape gradient as after
+    the module's own backward, and a hook registered after DeepSpeed's re-partitions the weight.
+    Tied embeddings share the parameter, so their gradients add up in the same accumulator
+    (not covered by the 2-rank tests: the tiny models do not tie).
 
     Why not liger-kernel's ``LigerFusedLinearJSDLoss``: it is not a dependency, its JSD has no
     reverse/forward-KL kinds with this module's conventions or a combined CE term with our

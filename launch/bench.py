@@ -6,7 +6,11 @@ layers of both, LM + logit-KD (+ attention alignment) losses. Three variants:
   (a) reference  eager attention with ``output_attentions=True`` on both models (every layer's
                  full [B,H,T,T] map is materialised), visual block sliced out, same losses;
   (b) fused      our path: fused kernels + ``visual_attention_probs`` on the matched layers;
-  (c) none       fused kernels, no attention term (LM + KD only).
+  (c) none       fused kernels, no attention term (LM + KD only);
+  (d) full_logits  like (c) with the LM + KD terms computed the way the objective did before the
+                 fused logits path (commit 4d847d3): both models return [B, T, V] logits for every
+                 position, fp32 copies for cross-entropy and ``logit_kd_loss`` (for before/after
+                 comparisons; (c) runs today's objective: labelled rows only, chunked fused loss).
 
 Every (T, variant) point runs in a fresh subprocess so peak memory is clean: on CUDA the
 allocator's peak (``max_memory_allocated``), on CPU the process's peak RSS (VmHWM, reset after
@@ -19,11 +23,17 @@ Qwen1.5-class student, a ~4B-class teacher, SigLIP-so400m tower at 384 px = 729 
 ``--mode kernel`` times one attention layer instead: fused kernel + ``visual_attention_probs``
 forward+backward vs eager softmax attention with the visual block sliced, on the same q, k, v.
 
+``--preset realvocab`` is the logits-memory measurement (measurements/README.md, 2026-12-01): a
+tiny LLaVA pair (hidden 64/96, 2 layers) with a real vocabulary (V = 151,936), 729 image tokens;
+run it with ``--batch-size 2 --seq 1024 --labelled 512 --variants full_logits none``.
+
 Usage::
 
     python launch/bench.py --preset tiny --seq 1024 2048 --json runs/bench/step_cpu.json
     python launch/bench.py --preset real --device cuda --seq 1024 2048 4096
     python launch/bench.py --mode kernel --device cuda --seq 1024 2048 4096 8192
+    python launch/bench.py --preset realvocab --batch-size 2 --seq 1024 --labelled 512 \
+        --variants full_logits none --steps 3 --warmup 1 --threads 1
 
 Prints a markdown table per mode and writes JSON with ``--json``.
 """
@@ -48,6 +58,13 @@ PRESETS = {
         vision=dict(hidden=64, layers=1, heads=2, inter=128, image=54, patch=2),
         vocab=4096,
     ),
+    # Logits memory at a real vocabulary: tiny widths, Qwen's V = 151,936, 729 image tokens.
+    "realvocab": dict(
+        student=dict(family="llama", hidden=64, layers=2, heads=4, kv_heads=2, inter=176),
+        teacher=dict(family="qwen2", hidden=96, layers=2, heads=6, kv_heads=6, inter=256),
+        vision=dict(hidden=64, layers=1, heads=2, inter=128, image=54, patch=2),
+        vocab=151936,
+    ),
     # Qwen1.5-1.8B-class student, Qwen1.5-4B-class teacher, SigLIP-so400m/14 at 384 px.
     "real": dict(
         student=dict(family="qwen2", hidden=2048, layers=24, heads=16, kv_heads=16, inter=5504),
@@ -56,7 +73,7 @@ PRESETS = {
         vocab=151936,
     ),
 }
-VARIANTS = ("reference", "fused", "none")
+VARIANTS = ("reference", "fused", "none")  # "full_logits" on request (--variants)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -107,8 +124,11 @@ def build_models(preset: str, dtype, device, attn_impl: str):
 
 
 def make_batch(batch_size: int, seq: int, n_img: int, image_size: int, image_token_id: int, vocab: int,
-               dtype, device):
-    """Right-padded-free batch: a text prefix of varying length, the image tokens, then text."""
+               dtype, device, labelled: int | None = None):
+    """Right-padded-free batch: a text prefix of varying length, the image tokens, then text.
+
+    Labels: every text token, or with ``labelled`` only the last ``labelled // batch_size`` tokens
+    of each sample (an answer after the prompt), ``labelled`` shifted label positions in all."""
     import torch
 
     if seq <= n_img + 16:
@@ -120,6 +140,11 @@ def make_batch(batch_size: int, seq: int, n_img: int, image_size: int, image_tok
         ids[b, start:start + n_img] = image_token_id
     labels = ids.clone()
     labels[ids == image_token_id] = -100
+    if labelled is not None:
+        per = labelled // batch_size
+        if not 0 <= per < seq - n_img - 8:
+            raise SystemExit(f"--labelled {labelled}: at most {batch_size * (seq - n_img - 9)} at this T")
+        labels[:, : seq - per] = -100
     vis_pos = torch.stack([(row == image_token_id).nonzero().squeeze(1) for row in ids])
     return {
         "input_ids": ids.to(device),
@@ -128,6 +153,7 @@ def make_batch(batch_size: int, seq: int, n_img: int, image_size: int, image_tok
         "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device, dtype),
         "has_image": torch.ones(batch_size, dtype=torch.bool, device=device),
         "vis_pos": vis_pos.to(device),
+        "num_targets": int((labels[:, 1:] != -100).sum()),
     }
 
 
@@ -161,6 +187,26 @@ def _reference_step(student, teacher, batch, s_layers, t_windows, cfg):
     kd = logit_kd_loss(logits, t_out.logits[:, :-1], tgt, cfg.kd_kind, cfg.kd_temperature)
     attn = attention_alignment_loss(s_maps, t_maps, batch["has_image"])
     return lm + cfg.kd_weight * kd + cfg.attn_weight * attn
+
+
+def _full_logits_step(student, teacher, batch, cfg):
+    """LM + KD as the objective computed them before the fused logits path (commit 4d847d3)."""
+    import torch
+    import torch.nn.functional as F
+
+    from distill.losses import logit_kd_loss
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    s_logits = student(**inputs).logits[:, :-1]
+    with torch.no_grad():
+        t_logits = teacher(**inputs).logits[:, :-1]
+    tgt = batch["labels"][:, 1:]
+    n = (tgt != -100).sum().clamp(min=1)
+    v = s_logits.shape[-1]
+    lm = F.cross_entropy(s_logits.float().reshape(-1, v), tgt.reshape(-1), ignore_index=-100, reduction="sum") / n
+    kd = logit_kd_loss(s_logits, t_logits, tgt, cfg.kd_kind, cfg.kd_temperature, beta=cfg.kd_beta,
+                       reduction="sum") / n
+    return cfg.lm_weight * lm + cfg.kd_weight * kd
 
 
 def _rss_kib(field: str) -> int:
@@ -216,13 +262,23 @@ def run_variant(args) -> dict:
     attn_impl = "eager" if args.variant == "reference" else "sdpa"
     student, teacher, image_token_id, n_img, image_size = build_models(args.preset, dtype, device, attn_impl)
     vocab = PRESETS[args.preset]["vocab"]
-    batch = make_batch(args.batch_size, args.seq, n_img, image_size, image_token_id, vocab, dtype, device)
-    cfg = LossConfig(lm_weight=1.0, kd_weight=1.0, attn_weight=0.0 if args.variant == "none" else 1.0)
+    batch = make_batch(args.batch_size, args.seq, n_img, image_size, image_token_id, vocab, dtype, device,
+                       labelled=args.labelled)
+    cfg = LossConfig(lm_weight=1.0, kd_weight=1.0,
+                     attn_weight=0.0 if args.variant in ("none", "full_logits") else 1.0)
     s_depth, t_depth = student.config.text_config.num_hidden_layers, teacher.config.text_config.num_hidden_layers
     s_layers, t_windows = match_layers(s_depth, t_depth)
     if args.variant == "reference":
         def step():
             return _reference_step(student, teacher, batch, s_layers, t_windows, cfg)
+    elif args.variant == "full_logits":
+        from distill.attention import install
+
+        install(student, cfg.backend)  # the same attention kernels as (c)
+        install(teacher, cfg.backend)
+
+        def step():
+            return _full_logits_step(student, teacher, batch, cfg)
     else:
         objective = DistillObjective(cfg, student, teacher)
 
@@ -247,6 +303,7 @@ def run_variant(args) -> dict:
     flops = 6 * n_s * tokens + 2 * n_t * tokens + attn_s + attn_t
     return {
         "variant": args.variant, "seq": args.seq, "batch_size": args.batch_size, "image_tokens": n_img,
+        "labelled": int((batch["labels"][:, 1:] != -100).sum()), "vocab": vocab,
         "step_s": step_s, "peak_bytes": peak, "step_extra_bytes": max(peak - base, 0), "base_bytes": base,
         "tokens_per_s": tokens / step_s, "model_tflops_per_s": flops / step_s / 1e12,
         "loss": float(loss.detach().float()), "student_params": n_s, "teacher_params": n_t,
@@ -327,7 +384,9 @@ def _child(args, variant: str, seq: int, rss_exact: bool = False) -> dict:
     such a run measures memory only (one warm-up, one step) and times come from a plain run.
     """
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--seq", str(seq)]
-    for key in ("preset", "device", "dtype", "batch_size", "steps", "warmup", "mode", "threads", "backend"):
+    for key in ("preset", "device", "dtype", "batch_size", "steps", "warmup", "mode", "threads", "backend", "labelled"):
+        if getattr(args, key) is None:
+            continue
         value = {"steps": 1, "warmup": 1}.get(key, getattr(args, key)) if rss_exact else getattr(args, key)
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
@@ -366,6 +425,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--labelled", type=int, default=None,
+                    help="shifted label positions per batch (default: every text token)")
     ap.add_argument("--backend", default="auto", help="attention backend for --mode kernel")
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--json", default=None, help="write results here")
