@@ -16,6 +16,9 @@ def _llava(args: argparse.Namespace) -> int:
     except (PrepError, JSONStreamError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unreadable --json, unwritable --out, disk full, ...
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     print(result.summary())
     if args.strict and result.num_rejects:
         print(f"error: --strict and {result.num_rejects} record(s) were rejected", file=sys.stderr)
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("llava", help="convert LLaVA JSON + images into WebDataset shards + manifest.json")
-    q.add_argument("--json", required=True, help="LLaVA JSON array (or JSON Lines) of {id, image, conversations}")
+    q.add_argument("--json", required=True, help="LLaVA JSON array (or JSON Lines) of {id, image, conversations}; UTF-8/16/32, "
+                   "optionally gzip/bzip2/xz-compressed")
     q.add_argument("--images", required=True, help="folder the records' image paths are relative to")
     q.add_argument("--out", required=True, help="output folder (rerun with the same arguments to resume)")
     q.add_argument("--shard-size", type=int, default=1000, help="input records per shard (default 1000)")

@@ -3,8 +3,10 @@
 Checks, per shard: the file exists, its byte size and sha256 match the manifest, it is a readable
 tar, every sample has a parseable ``<key>.json`` record, every image record has exactly one image
 member that PIL decodes, no member is orphaned, and the sample count matches. Also: manifest totals
-add up, and no ``shard-*.tar`` in DIR is missing from the manifest. Returns a list of problems, each
-a precise one-line message (empty list = all good).
+add up, no ``shard-*.tar`` in DIR is missing from the manifest, the manifest has the documented
+types (a wrong type is an invalid manifest, not a crash), and no temporary file of an interrupted
+run is left in DIR or DIR/.prep. Returns a list of problems, each a precise one-line message (empty
+list = all good).
 """
 
 from __future__ import annotations
@@ -15,7 +17,58 @@ import os
 import tarfile
 from collections import OrderedDict
 
-from .shards import IMAGE_EXTS, MANIFEST, file_sha256
+from .shards import IMAGE_EXTS, MANIFEST, STATE_DIR, TMP_RE, file_sha256
+
+_HEX = set("0123456789abcdef")
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def manifest_problems(manifest) -> list[str]:
+    """Type/shape problems of a parsed manifest (empty list = usable)."""
+    if not isinstance(manifest, dict):
+        return [f"top level is a {type(manifest).__name__}, not an object"]
+    out = []
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return [f"'shards' is {type(shards).__name__ if 'shards' in manifest else 'missing'}, not a list"]
+    for k in ("num_samples", "total_bytes"):
+        if not _is_count(manifest.get(k)):
+            out.append(f"{k!r} is {manifest.get(k)!r}, not a non-negative integer")
+    names = set()
+    for i, e in enumerate(shards):
+        if not isinstance(e, dict):
+            out.append(f"shards[{i}] is a {type(e).__name__}, not an object")
+            continue
+        name = e.get("name")
+        if not isinstance(name, str) or not name or name != os.path.basename(name) or name.startswith("."):
+            out.append(f"shards[{i}].name is {name!r}, not a file name in the directory")
+        elif name in names:
+            out.append(f"shards[{i}].name {name!r} is listed twice")
+        else:
+            names.add(name)
+        for k in ("num_samples", "bytes"):
+            if not _is_count(e.get(k)):
+                out.append(f"shards[{i}].{k} is {e.get(k)!r}, not a non-negative integer")
+        sha = e.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= _HEX):
+            out.append(f"shards[{i}].sha256 is {sha!r}, not a 64-digit hex digest")
+    return out
+
+
+def stray_temporaries(root: str) -> list[str]:
+    """Temporary files an interrupted ``data_prep llava`` run left in ``root`` or ``root/.prep``."""
+    out = []
+    for d in (root, os.path.join(root, STATE_DIR)):
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        out.extend(os.path.relpath(os.path.join(d, n), root) for n in names
+                   if TMP_RE.match(n) and os.path.isfile(os.path.join(d, n)))
+    return out
 
 
 def _check_tar(path: str, name: str) -> tuple[int, list[str]]:
@@ -77,10 +130,16 @@ def verify_dir(root: str) -> tuple[list[str], dict]:
     try:
         with open(mpath, encoding="utf-8") as f:
             manifest = json.load(f)
-        shards = manifest["shards"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
         return [f"{mpath}: malformed manifest ({type(e).__name__}: {e})"], counts
-    problems: list[str] = []
+    bad = manifest_problems(manifest)
+    if bad:
+        return [f"{mpath}: invalid manifest: {p}" for p in bad], counts
+    shards = manifest["shards"]
+    problems: list[str] = [
+        f"{name}: stray temporary file left by an interrupted run (rerun `python -m data_prep llava` with the "
+        "same arguments to finish the run and remove it, or delete it)" for name in stray_temporaries(root)
+    ]
     listed = set()
     for entry in shards:
         name = entry.get("name")

@@ -136,7 +136,7 @@ def test_resume_after_interrupted_run(tmp_path):
     assert (out / MANIFEST).read_text() == manifest
     assert {n: os.stat(out / n).st_mtime_ns for n in names[3:]} == untouched
     assert verify_dir(str(out))[0] == []
-    with pytest.raises(PrepError, match="shard_size"):
+    with pytest.raises(PrepError, match="--shard-size: was 4, now 5"):
         prepare_llava(str(js), str(images), str(out), shard_size=5, progress=False)
 
 
