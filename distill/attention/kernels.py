@@ -19,36 +19,109 @@ returned ``lse`` is detached: :func:`distill.attention.visual_attention_probs` t
 function of q, k and adds that gradient analytically).
 
 Backends (``backend=`` string):
-  ``flash_attn``     flash-attn 3 (``flash_attn_interface``) or 2 (``flash_attn``), CUDA, fp16/bf16
+  ``flash_attn``     flash-attn 3 (``flash_attn_interface``), 4 (``flash_attn.cute``) or 2
+                     (``flash_attn``), CUDA, fp16/bf16; see :func:`flash_attn_variants`
   ``sdpa_flash``     ``torch.ops.aten._scaled_dot_product_flash_attention``, CUDA, fp16/bf16
   ``sdpa_efficient`` ``torch.ops.aten._scaled_dot_product_efficient_attention``, CUDA
   ``cpu_flash``      ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu``
   ``eager``          plain softmax reference (forms T x T; tests only)
-  ``auto``           flash_attn > sdpa_flash > sdpa_efficient on CUDA, cpu_flash on CPU
+  ``auto``           flash_attn (when a variant supports the call) > sdpa_flash > sdpa_efficient
+                     on CUDA, cpu_flash on CPU
+
+flash-attn is detected by capability, not by import: a variant counts only if the function we call
+exists with the arguments we pass (an installed FA4 leaves a namespace package ``flash_attn``
+with nothing callable at its top, which is *not* FA2), and ``auto`` picks it only for a call it
+supports (fp16/bf16 on CUDA, the device's compute capability, the head dim).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 BACKENDS = ("flash_attn", "sdpa_flash", "sdpa_efficient", "cpu_flash", "eager")
 
-__all__ = ["BACKENDS", "attention_with_lse", "resolve_backend", "varlen_attention_with_lse"]
+__all__ = ["BACKENDS", "attention_with_lse", "flash_attn_variants", "resolve_backend"]
+
+
+@dataclass(frozen=True)
+class FlashVariant:
+    """One usable flash-attn installation: where its function lives and what it supports."""
+
+    version: int  # 2, 3 or 4
+    module: str  # import path of the module holding ``flash_attn_func``
+    fn: object  # the callable
+    archs: tuple[int, ...]  # compute capability majors it runs on
+    max_head_dim: dict  # arch major -> largest head dim
+
+    def supports(self, device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str | None:
+        """None when this variant can run the call, else why not (for messages)."""
+        if device.type != "cuda":
+            return f"needs CUDA tensors, got {device}"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"needs fp16/bf16, got {dtype}"
+        major = torch.cuda.get_device_capability(device)[0]
+        if major not in self.archs:
+            return f"does not run on compute capability {major}.x (supports {sorted(self.archs)})"
+        limit = self.max_head_dim.get(major, 0)
+        if head_dim is not None and (head_dim > limit or head_dim % 8):
+            return f"head dim {head_dim} unsupported on {major}.x (multiple of 8, at most {limit})"
+        return None
+
+
+# (version, module, capability majors, head-dim limit per major, argument the call needs)
+_FLASH_CANDIDATES = (
+    (3, "flash_attn_interface", (9,), {9: 256}, "softmax_scale"),
+    (4, "flash_attn.cute", (9, 10, 11), {9: 256, 10: 128, 11: 128}, "return_lse"),
+    (2, "flash_attn", (8, 9), {8: 256, 9: 256}, "return_attn_probs"),
+)
+
+
+def _accepts(fn, arg: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: trust the name
+        return True
+    return arg in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 @lru_cache(maxsize=None)
-def _flash_attn_module():
-    """Return ``(module, major_version)`` of an importable flash-attn, or ``(None, 0)``."""
-    for name, version in (("flash_attn_interface", 3), ("flash_attn", 2)):
+def flash_attn_variants() -> tuple[FlashVariant, ...]:
+    """The flash-attn variants whose ``flash_attn_func`` is importable and takes what we pass, in
+    order of preference (FA3, FA4, FA2). Import failures of any kind mean "not available"."""
+    found = []
+    for version, name, archs, hdim, needed in _FLASH_CANDIDATES:
         try:
-            return importlib.import_module(name), version
-        except Exception:  # noqa: BLE001 - any import failure means "not available"
+            mod = importlib.import_module(name)
+        except Exception:  # noqa: BLE001
             continue
-    return None, 0
+        fn = getattr(mod, "flash_attn_func", None)
+        if callable(fn) and _accepts(fn, needed):
+            found.append(FlashVariant(version, name, fn, archs, hdim))
+    return tuple(found)
+
+
+@lru_cache(maxsize=None)
+def _flash_variant(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> tuple[FlashVariant | None, str]:
+    """The preferred variant that supports this call, or (None, why none does)."""
+    variants = flash_attn_variants()
+    if not variants:
+        return None, ("no usable flash-attn: none of flash_attn_interface.flash_attn_func (FA3), "
+                      "flash_attn.cute.flash_attn_func with return_lse (FA4) or flash_attn.flash_attn_func (FA2) "
+                      "imports; install one (pip install flash-attn-4, or build flash-attn 2/3) or use "
+                      "loss.backend=sdpa_flash")
+    why = []
+    for v in variants:
+        reason = v.supports(device, dtype, head_dim)
+        if reason is None:
+            return v, ""
+        why.append(f"FA{v.version} ({v.module}) {reason}")
+    return None, "; ".join(why) + "; use loss.backend=sdpa_flash or auto"
 
 
 def _check_backend(backend: str) -> None:
@@ -56,22 +129,24 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {('auto',) + BACKENDS}")
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Pick a concrete backend name for tensors on ``device`` with ``dtype``."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
+    """Pick a concrete backend name for tensors on ``device`` with ``dtype`` (and ``head_dim``,
+    when known: flash-attn's limits depend on it)."""
     _check_backend(backend)
     if backend != "auto":
         if backend == "cpu_flash" and device.type != "cpu":
             raise ValueError(f"backend 'cpu_flash' needs CPU tensors, got device {device}")
         if backend in ("flash_attn", "sdpa_flash", "sdpa_efficient") and device.type != "cuda":
             raise ValueError(f"backend {backend!r} needs CUDA tensors, got device {device}; use 'cpu_flash' or 'auto'")
-        if backend == "flash_attn" and _flash_attn_module()[0] is None:
-            raise ValueError("backend 'flash_attn' requested but neither flash_attn_interface nor flash_attn imports")
+        if backend == "flash_attn":
+            variant, why = _flash_variant(device, dtype, head_dim)
+            if variant is None:
+                raise ValueError(f"backend 'flash_attn' cannot run this call: {why}")
         return backend
     if device.type == "cuda":
-        half = dtype in (torch.float16, torch.bfloat16)
-        if half and _flash_attn_module()[0] is not None:
+        if _flash_variant(device, dtype, head_dim)[0] is not None:
             return "flash_attn"
-        if half:
+        if dtype in (torch.float16, torch.bfloat16):
             return "sdpa_flash"
         return "sdpa_efficient"
     if device.type == "cpu":
@@ -134,14 +209,20 @@ def _sdpa_efficient(q, k, v, scale, causal):
 
 
 def _flash_attn(q, k, v, scale, causal):
-    mod, version = _flash_attn_module()
+    variant, why = _flash_variant(q.device, q.dtype, q.shape[-1])
+    if variant is None:
+        raise ValueError(f"backend 'flash_attn' cannot run this call: {why}")
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # flash-attn wants (B, T, H, D); GQA is native
-    if version == 3:
-        res = mod.flash_attn_func(qt, kt, vt, softmax_scale=scale, causal=causal, return_attn_probs=True)
+    if variant.version == 4:
+        # FA4: (out, lse) with lse [B, H, T] fp32 in natural log, like FA2
+        res = variant.fn(qt, kt, vt, softmax_scale=scale, causal=causal, return_lse=True)
+    elif variant.version == 3:
+        res = variant.fn(qt, kt, vt, softmax_scale=scale, causal=causal, return_attn_probs=True)
     else:
-        res = mod.flash_attn_func(qt, kt, vt, dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True)
-    if not isinstance(res, (tuple, list)) or len(res) < 2:
-        raise RuntimeError("this flash-attn version does not return the softmax LSE; use backend='sdpa_flash'")
+        res = variant.fn(qt, kt, vt, dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True)
+    if not isinstance(res, (tuple, list)) or len(res) < 2 or res[1] is None:
+        raise RuntimeError(f"flash-attn {variant.version} ({variant.module}) returned no softmax LSE; "
+                           "use loss.backend=sdpa_flash")
     return res[0], res[1]
 
 
@@ -183,37 +264,6 @@ def attention_with_lse(
     _check(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    name = resolve_backend(backend, q.device, q.dtype)
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     out, lse = _IMPLS[name](q, k, v, float(scale), causal)
     return out, _normalise_lse(lse)
-
-
-def varlen_attention_with_lse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    *,
-    scale: float | None = None,
-    causal: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed (varlen) attention with LSE via flash-attn (CUDA only).
-
-    Args:
-        q: [total, Hq, D]; k, v: [total, Hk, D]; cu_seqlens: [S+1] int32 cumulative lengths.
-
-    Returns:
-        out [total, Hq, D], lse [Hq, total] fp32 (flash-attn's varlen layout, +inf for empty rows).
-    """
-    mod, version = _flash_attn_module()
-    if mod is None or q.device.type != "cuda":
-        raise ValueError("packed (varlen) attention needs flash-attn on CUDA; pad the batch instead")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    cu = cu_seqlens.to(torch.int32)
-    kwargs = dict(softmax_scale=scale, causal=causal, return_attn_probs=True)
-    if version == 2:
-        kwargs["dropout_p"] = 0.0
-    res = mod.flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
-    return res[0], _normalise_lse(res[1])
