@@ -60,8 +60,9 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("make", [_llama, _qwen2])
-@pytest.mark.parametrize("backend", ["cpu_flash"] + (["auto"] if torch.cuda.is_available() else []))
-def test_capture_matches_eager(make, backend):
+@pytest.mark.parametrize("backend,key_len", [("cpu_flash", None), ("cpu_flash", 15 + N)]
+                         + ([("auto", None)] if torch.cuda.is_available() else []))
+def test_capture_matches_eager(make, backend, key_len):
     torch.manual_seed(0)
     model = make().float()
     ref = copy.deepcopy(model)
@@ -74,8 +75,8 @@ def test_capture_matches_eager(make, backend):
     (ref_maps * w).sum().backward()
 
     install(model, backend=backend)
-    cap = AttentionCapture(model, layers, chunk_size=4)
-    with cap.record(vis, valid) as rec:
+    cap = AttentionCapture(model, layers, chunk_size=4, impl="torch" if key_len else "auto")
+    with cap.record(vis, valid, key_len=key_len) as rec:  # key_len: the last visual position + 1
         out = model(input_ids=ids, attention_mask=mask)
     maps = rec.maps
     assert maps.shape == (2, 3, N, N)
@@ -134,6 +135,8 @@ def test_checkpointing_recompute_collects_once(monkeypatch):
 
 def test_no_capture_outside_record_and_errors():
     model = _llama()
+    with pytest.raises(ValueError, match="impl"):
+        AttentionCapture(model, [0], impl="cuda_magic")
     ids, mask, vis, valid = _batch()
     cap = AttentionCapture(model, [0])
     with pytest.raises(RuntimeError, match="install"):

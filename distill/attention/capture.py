@@ -50,7 +50,7 @@ from transformers.masking_utils import (
 )
 
 from distill.attention.kernels import _check_backend, _expand_kv, attention_with_lse
-from distill.attention.visual import visual_attention_probs
+from distill.attention.visual import IMPLS, visual_attention_probs
 
 __all__ = ["AttentionCapture", "Recording", "install", "right_padded", "text_decoder_layers", "implementation_name"]
 
@@ -69,20 +69,22 @@ def implementation_name(backend: str) -> str:
 
 @dataclass
 class _Session:
-    vis_pos: torch.Tensor  # (B, n) long
+    vis_pos: torch.Tensor  # (B, n) long, -1 padding
     valid: torch.Tensor | None  # (B,) bool
+    key_len: int | None = None  # host int >= max(vis_pos) + 1 (collate-time), bounds the op's key loops
     maps: dict = field(default_factory=dict)  # layer_idx -> (B, n, n)
 
 
 class _Token:
     """Travels in a decoder layer's kwargs; a checkpoint recompute gets the same object."""
 
-    __slots__ = ("session", "layer_idx", "chunk_size", "delivered")
+    __slots__ = ("session", "layer_idx", "chunk_size", "impl", "delivered")
 
-    def __init__(self, session: _Session, layer_idx: int, chunk_size: int | None):
+    def __init__(self, session: _Session, layer_idx: int, chunk_size: int | None, impl: str):
         self.session = session
         self.layer_idx = layer_idx
         self.chunk_size = chunk_size
+        self.impl = impl
         self.delivered = False
 
     def deliver(self, head_mean: torch.Tensor) -> None:
@@ -192,8 +194,9 @@ def _fused_attention(
     out, lse = attention_with_lse(query, key, value, scale=scaling, causal=True, backend=backend)
     if token is not None:
         # (B, n, n): heads averaged inside the op, one KV group's maps at a time (it checks vis_pos against q)
-        vis_pos = token.session.vis_pos
-        token.deliver(visual_attention_probs(query, key, lse, vis_pos, scaling, token.chunk_size, head_mean=True))
+        ses = token.session
+        token.deliver(visual_attention_probs(query, key, lse, ses.vis_pos, scaling, token.chunk_size, head_mean=True,
+                                             impl=token.impl, key_len=ses.key_len))
     return out, None
 
 
@@ -288,6 +291,7 @@ class AttentionCapture:
             engine's ``.module`` works too).  ``install(model)`` must have been called.
         layers: text layer indices to capture, in the order ``rec.maps`` returns them.
         chunk_size: visual query rows per backward strip (see ``visual_attention_probs``).
+        impl: the visual op's implementation, ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Usage::
 
@@ -297,7 +301,7 @@ class AttentionCapture:
         maps = rec.maps                           # [L, B, n, n]
     """
 
-    def __init__(self, model: torch.nn.Module, layers, chunk_size: int | None = None):
+    def __init__(self, model: torch.nn.Module, layers, chunk_size: int | None = None, impl: str = "auto"):
         self.model = model
         self.text = _text_model(model)
         depth = len(self.text.layers)
@@ -307,6 +311,9 @@ class AttentionCapture:
             raise ValueError(f"capture layers {layers} must be distinct indices in [0, {depth})")
         self.layers = layers
         self.chunk_size = chunk_size
+        if impl not in IMPLS:  # device-dependent checks come with the first forward (resolve_impl)
+            raise ValueError(f"unknown visual attention impl {impl!r}; choose one of {IMPLS}")
+        self.impl = impl
         self._session: _Session | None = None
         self._last: dict[int, tuple[weakref.ref, _Token]] = {}  # layer -> (its input, token): recompute
         # the attention function knows a layer by its self_attn.layer_idx: key the maps by that
@@ -324,15 +331,18 @@ class AttentionCapture:
         elif self._session is None:
             return None
         else:
-            token = _Token(self._session, layer_idx, self.chunk_size)
+            token = _Token(self._session, layer_idx, self.chunk_size, self.impl)
             if isinstance(hidden, torch.Tensor):
                 self._last[layer_idx] = (weakref.ref(hidden), token)
         kwargs[_TOKEN_KEY] = token
         return args, kwargs
 
     @contextlib.contextmanager
-    def record(self, vis_pos: torch.Tensor, valid: torch.Tensor | None = None):
-        """Collect maps of the forwards run inside the block (the last forward wins per layer)."""
+    def record(self, vis_pos: torch.Tensor, valid: torch.Tensor | None = None, key_len: int | None = None):
+        """Collect maps of the forwards run inside the block (the last forward wins per layer).
+
+        ``vis_pos`` [B, n] long (-1 padding), ``valid`` [B] bool, ``key_len`` an optional host int
+        >= max(vis_pos) + 1 known at collate time (see ``visual_attention_probs``)."""
         impl = getattr(self.text.config, "_attn_implementation", None)
         if not (isinstance(impl, str) and impl.startswith(_PREFIX)):
             raise RuntimeError(
@@ -345,7 +355,7 @@ class AttentionCapture:
             raise ValueError(f"vis_pos must be [B, n], got shape {tuple(vis_pos.shape)}")
         if valid is not None and (valid.dim() != 1 or valid.shape[0] != vis_pos.shape[0]):
             raise ValueError(f"valid must be [B]={vis_pos.shape[0]} bool, got shape {tuple(valid.shape)}")
-        session = _Session(vis_pos=vis_pos.long(), valid=None if valid is None else valid.bool())
+        session = _Session(vis_pos=vis_pos.long(), valid=None if valid is None else valid.bool(), key_len=key_len)
         self._session = session
         try:
             yield Recording(session, self._layer_ids)
