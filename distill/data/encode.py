@@ -10,7 +10,8 @@ template works (checked; a template that is not prefix-stable raises ``TemplateE
 Images: the processor is run on the image with its bare image placeholder as text; the token
 sequence it returns (e.g. 64 image tokens, plus any wrapper tokens a processor adds) replaces the
 single placeholder token of the text. Visual positions are later read as
-``input_ids == image_token_id``.
+``input_ids == image_token_id``. Image bytes are decoded to 8-bit RGB by ``decode_image``, which
+scales high-bit-depth modes (16-bit greyscale PNGs) instead of clipping them to white.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from data_prep.images import to_rgb
 from data_prep.shards import IMAGE_EXTS
 
 IMAGE_PLACEHOLDER = "<image>"  # as written in LLaVA JSON
@@ -52,6 +54,14 @@ class Encoded:
     key: str = ""
     truncated: bool = False
     """Text after ``max_length`` was cut (the loader counts it as ``text_truncated``)."""
+
+
+def decode_image(data: bytes) -> Any:
+    """Image bytes -> 8-bit RGB PIL image (high-bit-depth modes scaled, see ``data_prep.images``)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return to_rgb(im)  # convert("RGB") would clip 16-bit greyscale to almost pure white
 
 
 class SampleEncoder:
@@ -178,15 +188,41 @@ class SampleEncoder:
             if data is None:
                 raise SkipSample("missing_image", key)
             try:
-                from PIL import Image
-
-                with Image.open(io.BytesIO(data)) as im:
-                    image = im.convert("RGB")
+                image = decode_image(data)
             except Exception as e:
                 raise SkipSample("image_decode_error", f"{key}: {type(e).__name__}: {e}") from None
         elif self.drop_text_only:
             raise SkipSample("text_only_dropped", key)
         return self.encode_messages(messages, image, key)
+
+    def probe_image_size(self) -> tuple[int, int]:
+        """``(width, height)`` the image processor is configured for (224x224 when it does not say)."""
+        ip = getattr(self.processor, "image_processor", None)
+        size = getattr(ip, "size", None) or {}
+        get = size.get if hasattr(size, "get") else (lambda k: getattr(size, k, None))
+        h = get("height") or get("shortest_edge") or 224
+        w = get("width") or get("shortest_edge") or h
+        return int(w), int(h)
+
+    def image_length_floor(self) -> tuple[int, int, tuple[int, int]]:
+        """``(image tokens, shortest image-sample length, probe size)`` for one image of the
+        processor's configured size: the length is the template's tokens up to and including the
+        image tokens plus one answer token, for a question that is only the image and a one-character
+        answer. Any image sample needs at least that many tokens of ``max_length`` (the loader checks
+        it at build time)."""
+        from PIL import Image
+
+        size = self.probe_image_size()
+        msgs = self._messages([{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": "a"}])
+        text, spans = self.answer_spans(msgs)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        first_label = next(i for i, (start, _e) in enumerate(enc["offset_mapping"]) if any(s <= start < e for s, e in spans))
+        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        expansion, _ = self._image_inputs(Image.new("RGB", size))
+        n_image = sum(t == self.image_token_id for t in expansion)
+        extra = len(expansion) - 1 if where and where[0] < first_label else 0
+        return n_image, first_label + extra + 1, size
 
     def encode_messages(self, messages: list[dict], image: Any = None, key: str = "") -> Encoded:
         """Chat messages (+ optional PIL image) -> ``Encoded`` (see module docstring)."""

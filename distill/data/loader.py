@@ -29,16 +29,20 @@ same shards, seed, world size, batch size and ``num_workers``.
 
 from __future__ import annotations
 
+import logging
 import random
+import tarfile
 from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .collate import collate
 from .config import DataConfig
-from .encode import SampleEncoder, SkipSample
+from .encode import SampleEncoder, SkipSample, TemplateError
 from .shardlist import ShardInfo, resolve_shards, split_by_node, split_by_worker
 from .stats import TRUNCATED, SkipStats
+
+log = logging.getLogger(__name__)
 
 SKIPS_KEY = "_data_skips"  # per-batch skip-count delta shipped from readers, removed before yield
 POS_KEY = "_data_pos"  # (reader, raw samples emitted by its shuffle buffer), removed before yield
@@ -68,6 +72,46 @@ def _read_shards(shards: list[ShardInfo], stats: SkipStats) -> Iterator[dict]:
         if shard.num_samples is not None and n < shard.num_samples:
             stats.add("shard_short", f"{shard.path}: read {n} of {shard.num_samples} samples (manifest)",
                       n=shard.num_samples - n)
+
+
+def probe_shard(path: str) -> str | None:
+    """Why the shard at ``path`` cannot be read (cheap: open + first tar header), or None if it can."""
+    try:
+        with open(path, "rb") as f:
+            block = f.read(tarfile.BLOCKSIZE)
+    except OSError as e:
+        return f"cannot open ({type(e).__name__}: {e.strerror or e})"
+    if path.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst")):
+        return None if block else "empty file"
+    if len(block) < tarfile.BLOCKSIZE:
+        return f"{len(block)} bytes: shorter than one tar block" if block else "empty file"
+    if block == bytes(tarfile.BLOCKSIZE):
+        return "no tar member (the file starts with an end-of-archive block)"
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as e:
+        return f"not a tar file ({e})"
+    return None
+
+
+def check_max_length(encoder: SampleEncoder, max_length: int) -> None:
+    """Raise ``ValueError`` when ``data.max_length`` cannot hold one image sample (the processor's
+    image tokens plus the chat template and one answer token), which would otherwise skip every
+    image sample as ``image_truncated`` only after the models have loaded."""
+    try:
+        n_image, need, (w, h) = encoder.image_length_floor()
+    except TemplateError:
+        raise
+    except Exception as e:  # the probe is best effort: a processor that cannot take it is checked per sample
+        log.debug("data: max_length probe skipped (%s: %s)", type(e).__name__, e)
+        return
+    if max_length < need:
+        raise ValueError(
+            f"data.max_length={max_length} cannot hold one image sample: the processor turns a {w}x{h} image into "
+            f"{n_image} image tokens, and with the chat template and one answer token the shortest image sample is "
+            f"{need} tokens, so every image sample would be skipped (image_truncated). Set data.max_length to at "
+            f"least {need}, better {need} plus the longest question and answer you train on (e.g. {need + 512})."
+        )
 
 
 def _shuffle(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -218,6 +262,7 @@ class StreamingLoader:
         self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
         self.shards = resolve_shards(cfg.shards)
         self.encoder = SampleEncoder(processor, cfg.max_length, cfg.drop_text_only)
+        check_max_length(self.encoder, cfg.max_length)
         self.stats = SkipStats()
         self.with_keys = with_keys
         readers = self.readers = max(1, cfg.num_workers)
@@ -244,6 +289,30 @@ class StreamingLoader:
                 f"data: {len(self.shards)} shard(s) cannot feed {world_size} rank(s) x {readers} reader(s) without "
                 f"overlap; reshard with a smaller --shard-size, lower data.num_workers, or set data.resampled=true"
             )
+        self._check_shards_readable()
+
+    def _check_shards_readable(self) -> None:
+        """Raise ``ValueError`` when no shard this rank reads in the current epoch can be opened (all
+        of them in resampled mode), naming them and why; a few unreadable ones are only logged (the
+        readers count them as ``shard_read_error``)."""
+        if self.cfg.resampled:
+            mine = list(self.shards)
+        else:
+            order = list(self.shards)
+            random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(order)  # as EpochStream.reader_shards
+            mine = split_by_node(order, self.rank, self.world_size)
+        bad = [(s.path, why) for s in mine for why in [probe_shard(s.path)] if why is not None]
+        if not bad:
+            return
+        shown = "; ".join(f"{p}: {why}" for p, why in bad[:5]) + (f"; ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
+        if len(bad) == len(mine):
+            raise ValueError(
+                f"data: rank {self.rank} cannot read any of its {len(mine)} shard(s) ({shown}); check the paths and "
+                "permissions in data.shards, or rebuild the shards with `python -m data_prep` and check them with "
+                "`python -m data_prep verify DIR`"
+            )
+        log.warning("data: rank %d: %d of its %d shard(s) are unreadable and will be counted as shard_read_error: %s",
+                    self.rank, len(bad), len(mine), shown)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
