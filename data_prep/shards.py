@@ -243,9 +243,11 @@ def _completed(out_dir: str, shard_index: int, num_records: int) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             done = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
-    if done.get("num_records") != num_records:
+    if not isinstance(done, dict) or done.get("num_records") != num_records or not isinstance(done.get("rejects"), list):
+        return None
+    if not isinstance(done.get("num_samples"), int) or done.get("name") not in (None, shard_name(shard_index)):
         return None
     if done.get("name"):
         tar = os.path.join(out_dir, done["name"])
