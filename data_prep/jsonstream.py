@@ -304,27 +304,31 @@ def _iter_stream(src: _TextSource, path: str) -> Iterator[Any]:
 def _json_lines(s: _Stream) -> Iterator[Any]:
     """JSON Lines: one value per line; a line that does not parse becomes a ``BadLine``.
 
-    When the first record line does not parse on its own, the file is not JSON Lines: it is read as
-    whitespace-separated JSON values (pretty-printed objects), where a malformed value is fatal; a
-    file that is a single object wrapping the records (``{"data": [...]}``) is refused either way."""
+    When the first record line ends inside an unfinished value, the file is not JSON Lines: it is
+    read as whitespace-separated JSON values (pretty-printed objects), where a malformed value is
+    fatal. A file that is a single object wrapping the records (``{"data": [...]}``) is refused
+    either way."""
     start = s.consumed + s.pos  # absolute: refills move the buffer's front
     first_line_no = s.line_of(s.pos)
     line = s.next_line()
+    pending: list = []  # one record of look-ahead: a lone wrapper object is a whole-file error
     try:
-        first = json.loads(line)
-    except json.JSONDecodeError:
-        s.pos = start - s.consumed  # still in the buffer: refills keep everything from pos on
-        first = s.decode_value()
-        more = s.skip_ws()
-        if not more and _looks_like_wrapper(first) is not None:
-            raise _wrapper_error(s.path, first, _looks_like_wrapper(first)) from None
-        yield first
-        while more:
-            yield s.decode_value()
+        pending.append(json.loads(line))
+    except json.JSONDecodeError as e:
+        if e.pos < len(line.rstrip()):  # broken inside the line: a bad JSON Lines line
+            yield BadLine(first_line_no, f"line {first_line_no} is not valid JSON ({e.msg} at column {e.colno})")
+        else:  # the value goes on past the line: not JSON Lines but multi-line values
+            s.pos = start - s.consumed  # still in the buffer: refills keep everything from pos on
+            first = s.decode_value()
             more = s.skip_ws()
-        return
+            if not more and _looks_like_wrapper(first) is not None:
+                raise _wrapper_error(s.path, first, _looks_like_wrapper(first)) from None
+            yield first
+            while more:
+                yield s.decode_value()
+                more = s.skip_ws()
+            return
     line_no = first_line_no
-    pending = [first]  # one record of look-ahead: a lone wrapper object is a whole-file error
     while True:
         line = s.next_line()
         if line is None:

@@ -21,7 +21,7 @@ from PIL import Image
 from data_prep.__main__ import main as cli
 from data_prep.jsonstream import BadLine, JSONStreamError, iter_records
 from data_prep.records import REASONS
-from data_prep.shards import MANIFEST, PrepError, prepare_llava
+from data_prep.shards import MANIFEST, prepare_llava
 from data_prep.verify import verify_dir
 
 
@@ -353,3 +353,12 @@ def test_rank_with_only_unreadable_shards_fails_at_build_time(processor, tmp_pat
         build_loader({**base, "shards": [str(t) for t in tars]}, processor, rank=0, world_size=1)
     with pytest.raises(ValueError, match="cannot read any"):
         build_loader({**base, "shards": [str(t) for t in tars], "resampled": True}, processor, rank=0, world_size=1)
+
+
+def test_json_lines_bad_first_line_and_pretty_printed_values(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"id": 1,, "x": 2}\n{"id": 2}\n')
+    got = list(iter_records(str(p)))
+    assert isinstance(got[0], BadLine) and got[0].line == 1 and got[1] == {"id": 2}
+    p.write_text(json.dumps({"id": 1}, indent=2) + "\n" + json.dumps({"id": 2}, indent=2))
+    assert list(iter_records(str(p), chunk_size=4)) == [{"id": 1}, {"id": 2}]
