@@ -8,7 +8,8 @@ Same math and contract as :mod:`distill.attention.visual`::
 with ``pos = vis_pos[b]`` (increasing on its valid prefix, ``-1`` padding at the tail), G = Hq/Hk.
 
 Kernels (all fp32 accumulation; fp16/bf16 operands go to the tensor cores as they are, fp32
-operands use ``tl.dot(..., input_precision="ieee")`` so fp32 results are not TF32-rounded):
+operands use ``tl.dot(..., input_precision="ieee")`` so fp32 results are not TF32-rounded; in the
+backward, dS is rounded to the operand dtype before its matmuls, as flash-attention does):
 
 ``_fwd_kernel``: one program per (visual row block, visual column block, batch element) for the
     head-averaged block (it loops over every query head inside and writes ``[B, n, n]`` once), or
@@ -29,6 +30,11 @@ operands use ``tl.dot(..., input_precision="ieee")`` so fp32 results are not TF3
 Every output element is written by exactly one program: the backward has no atomics and reruns
 are bitwise identical.  No host syncs: loop bounds that depend on ``vis_pos`` are read inside the
 kernels; the host only uses shapes.
+
+Assumes what the contract says: each sample's valid ``vis_pos`` entries increase (the causal tile
+skip and the dk kernel's first-row search rely on it).  Status: verified on CPU under the
+interpreter (tests/test_visual_triton.py); compiled-GPU correctness and speed are measured by
+launch/gpu_check.py and were still pending when this was written.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) ``tl.dot`` on bf16 is not computed correctly by the
 interpreter, so bf16 inputs are upcast to fp32 there (and only there).
@@ -59,7 +65,7 @@ def _fwd_kernel(
     sob, soh, soi, soj,
     n, HQ, G, scale, out_scale,
     HEAD_MEAN: tl.constexpr, D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -96,7 +102,7 @@ def _fwd_kernel(
             kj = tl.load(K + b * skb + kh * skh + pn[:, None] * skt + rd[None, :] * skd,
                          mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             lse = tl.load(LSE + b * slb + h * slh + pm * slt, mask=row_ok, other=float("inf"))
-            s = tl.dot(qi, tl.trans(kj), input_precision="ieee")
+            s = tl.dot(qi, tl.trans(kj), input_precision=PREC)
             p = tl.exp(s * scale - lse[:, None])
             acc += tl.where(vis, p, 0.0)
         acc = acc * out_scale
@@ -114,7 +120,7 @@ def _bwd_dq_kernel(
     sgb, sgh, sgi, sgj,
     sdb, sdh, sdt, sdd,
     n, T, HQ, G, scale, g_scale,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -142,7 +148,7 @@ def _bwd_dq_kernel(
         pn = tl.maximum(pos_n, 0)
         kj = tl.load(K + b * skb + kh * skh + pn[:, None] * skt + rd[None, :] * skd,
                      mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(qi, tl.trans(kj), input_precision="ieee")
+        s = tl.dot(qi, tl.trans(kj), input_precision=PREC)
         vis = (pos_n[None, :] <= pos_m[:, None]) & col_ok[None, :]
         p = tl.where(vis, tl.exp(s * scale - lse[:, None]), 0.0)
         gt = tl.load(g_base + rm[:, None] * sgi + rn[None, :] * sgj,
@@ -153,20 +159,20 @@ def _bwd_dq_kernel(
 
     # dq_i = scale * sum_t P_it (G~_it - D_i) k_t over every key t <= pos_i
     dq = tl.zeros((BM, BD), dtype=tl.float32)
-    t_hi = tl.max(pos_m, axis=0) + 1  # 0 when every row of the block is padding
+    t_hi = (tl.max(pos_m, axis=0) + 1).to(tl.int32)  # 0 when every row of the block is padding
     for t0 in range(0, t_hi, BN):
         rt = t0 + tl.arange(0, BN)
         t_ok = rt < T
         kt = tl.load(K + b * skb + kh * skh + rt[:, None] * skt + rd[None, :] * skd,
                      mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(qi, tl.trans(kt), input_precision="ieee")
+        s = tl.dot(qi, tl.trans(kt), input_precision=PREC)
         vis = rt[None, :] <= pos_m[:, None]  # padded rows (-1) see nothing
         p = tl.where(vis, tl.exp(s * scale - lse[:, None]), 0.0)
         col = tl.load(INV + b * sib + rt * sit, mask=t_ok, other=-1)
         gt = tl.load(g_base + rm[:, None] * sgi + tl.maximum(col, 0)[None, :] * sgj,
                      mask=m_ok[:, None] & (col >= 0)[None, :], other=0.0).to(tl.float32)
         ds = p * (gt * g_scale - dvec[:, None])
-        dq += tl.dot(ds.to(kt.dtype), kt, input_precision="ieee")
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
     dq = dq * scale
     tl.store(DQ + b * sdb + h * sdh + pm[:, None] * sdt + rd[None, :] * sdd, dq,
              mask=row_ok[:, None] & d_ok[None, :])
@@ -184,7 +190,7 @@ def _bwd_dk_kernel(
     srb, srk,
     sdb, sdh, sdt, sdd,
     n, T, HQ, G, scale, g_scale,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     kh = tl.program_id(1)
@@ -214,13 +220,13 @@ def _bwd_dk_kernel(
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             lse = tl.load(LSE + b * slb + h * slh + pm * slt, mask=row_ok, other=float("inf"))
             dvec = tl.load(DBUF + b * (HQ * n) + h * n + rm, mask=m_ok, other=0.0)
-            s = tl.dot(kt, tl.trans(qi), input_precision="ieee")  # (BN keys, BM rows)
+            s = tl.dot(kt, tl.trans(qi), input_precision=PREC)  # (BN keys, BM rows)
             vis = rt[:, None] <= pos_m[None, :]
             p = tl.where(vis, tl.exp(s * scale - lse[None, :]), 0.0)
             gt = tl.load(g_base + rm[None, :] * sgi + colc[:, None] * sgj,
                          mask=m_ok[None, :] & col_ok[:, None], other=0.0).to(tl.float32)
             ds = p * (gt * g_scale - dvec[None, :])
-            dk += tl.dot(ds.to(qi.dtype), qi, input_precision="ieee")
+            dk += tl.dot(ds.to(qi.dtype), qi, input_precision=PREC)
     dk = dk * scale
     tl.store(DK + b * sdb + kh * sdh + rt[:, None] * sdt + rd[None, :] * sdd, dk,
              mask=t_ok[:, None] & d_ok[None, :])
@@ -262,7 +268,7 @@ class _TritonVisual(torch.autograd.Function):
             qc, kc, lse, vis_pos, out,
             *qc.stride(), *kc.stride(), *lse.stride(), *vis_pos.stride(), *so,
             n, hq, hq // hk, scale, 1.0 / hq if head_mean else 1.0,
-            HEAD_MEAN=head_mean, D=d, BM=bm, BN=bn, BD=bd, num_warps=warps,
+            HEAD_MEAN=head_mean, D=d, BM=bm, BN=bn, BD=bd, PREC=_precision(qc), num_warps=warps,
         )
         return out
 
@@ -303,15 +309,21 @@ class _TritonVisual(torch.autograd.Function):
             qc, kc, lse, vis_pos, inv, grad, dq, dbuf,
             *common, *dq.stride(),
             n, t, hq, hq // hk, ctx.scale, g_scale,
-            D=d, BM=bm, BN=bn, BD=bd, num_warps=warps,
+            D=d, BM=bm, BN=bn, BD=bd, PREC=_precision(qc), num_warps=warps,
         )
         _bwd_dk_kernel[(triton.cdiv(t, bn), hk, b)](
             qc, kc, lse, vis_pos, inv, grad, dbuf, row0, n_valid, dk,
             *common, *row0.stride(), *dk.stride(),
             n, t, hq, hq // hk, ctx.scale, g_scale,
-            D=d, BM=bm, BN=bn, BD=bd, num_warps=warps,
+            D=d, BM=bm, BN=bn, BD=bd, PREC=_precision(qc), num_warps=warps,
         )
         return dq.to(q.dtype), dk.to(k.dtype), None, None, None, None, None
+
+
+def _precision(x) -> str:
+    """``tl.dot`` input precision: IEEE fp32 for fp32 operands (no TF32 rounding), the default
+    (tensor-core MMA; the setting only concerns fp32) for fp16 / bf16."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _operands(q, k):

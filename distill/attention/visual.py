@@ -18,7 +18,8 @@ Two implementations (``impl=``):
 ``"torch"``: loop-free batched matmuls over all samples and heads at once (GQA by folding each
 KV head's query group into the matmul rows).  The forward forms the ``[B, Hq, n, n]`` block; the
 backward forms one ``n x T`` strip per sample and head (keys are *all* T positions: the last
-visible key is data-dependent and reading it would sync the host), splits dS into its visual part
+visible key is data-dependent and reading it would sync the host; a caller that knows it from the
+collate step passes ``key_len`` and the strips stop there), splits dS into its visual part
 ``P G`` (``[n, n]``, scattered into dk rows) and the strip part ``-P D``, and needs no scatter into
 the strip.  Causality and padding are comparisons against ``vis_pos`` on the device.  Rows are
 chunked only when a strip (backward) or block (head-averaged forward) would exceed
