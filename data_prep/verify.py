@@ -125,8 +125,12 @@ def verify_dir(root: str) -> tuple[list[str], dict]:
     """Verify a shard directory. Returns ``(problems, counts)``; counts has shards/samples/bytes checked."""
     counts = {"shards": 0, "samples": 0, "bytes": 0}
     mpath = os.path.join(root, MANIFEST)
+    strays = [
+        f"{name}: stray temporary file left by an interrupted run (rerun `python -m data_prep llava` with the "
+        "same arguments to finish the run and remove it, or delete it)" for name in stray_temporaries(root)
+    ]
     if not os.path.isfile(mpath):
-        return [f"{mpath}: no manifest (was `python -m data_prep llava --out {root}` run to completion?)"], counts
+        return [f"{mpath}: no manifest (was `python -m data_prep llava --out {root}` run to completion?)"] + strays, counts
     try:
         with open(mpath, encoding="utf-8") as f:
             manifest = json.load(f)
@@ -136,10 +140,7 @@ def verify_dir(root: str) -> tuple[list[str], dict]:
     if bad:
         return [f"{mpath}: invalid manifest: {p}" for p in bad], counts
     shards = manifest["shards"]
-    problems: list[str] = [
-        f"{name}: stray temporary file left by an interrupted run (rerun `python -m data_prep llava` with the "
-        "same arguments to finish the run and remove it, or delete it)" for name in stray_temporaries(root)
-    ]
+    problems: list[str] = strays
     listed = set()
     for entry in shards:
         name = entry.get("name")

@@ -204,6 +204,10 @@ def test_stale_temporaries_removed_on_rerun_and_reported_by_verify(tmp_path, ima
     res = prepare_llava(str(tmp_path / "data.json"), str(images), str(out), shard_size=1, progress=False)
     assert res.removed_temporaries == 4 and not any(p.exists() for p in strays)
     assert verify_dir(str(out))[0] == []
+    (out / MANIFEST).unlink()  # killed before the manifest: both are reported
+    strays[0].write_bytes(b"partial")
+    problems, _ = verify_dir(str(out))
+    assert "no manifest" in problems[0] and "stray temporary file" in problems[1]
 
 
 def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
