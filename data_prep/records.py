@@ -26,7 +26,7 @@ REASONS = {
     "image_token_mismatch": "image records need exactly one <image> in a human turn; text-only records none",
     "bad_image_field": "image is not a relative path string (lists / absolute / '..' / NUL paths are rejected)",
     "missing_image": "the image file does not exist under --images",
-    "unreadable_image": "the image file exists but cannot be read (permission, symlink loop, I/O error)",
+    "unreadable_image": "the image path exists but cannot be read (permission, symlink loop, not a regular file, I/O error)",
     "undecodable_image": "the image file could not be decoded by PIL",
 }
 

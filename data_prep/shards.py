@@ -33,6 +33,7 @@ import io
 import json
 import os
 import re
+import stat
 import sys
 import tarfile
 import threading
@@ -85,11 +86,17 @@ def load_image(path: str) -> tuple[bytes, str]:
     """
     from PIL import Image
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
+    try:  # non-blocking open: a FIFO must not hang the run; only regular files are read
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except ValueError as e:  # embedded NUL, unencodable file name
         raise ImagePathError(str(e)) from None
+    with open(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (FIFO, device or socket)", path)
+        data = f.read()
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()

@@ -73,8 +73,10 @@ def test_os_errors_on_image_paths_are_rejects(tmp_path, images):
     os.symlink("loop_b.png", images / "loop_a.png")
     os.symlink("loop_a.png", images / "loop_b.png")
     (images / "sub").mkdir()
+    os.mkfifo(images / "fifo.png")
+    os.symlink("/dev/zero", images / "zero.png")
     recs = [rec("loop", "loop_a.png"), rec("long", "x" * 300 + ".png"), rec("notdir", "ok.png/inner.png"),
-            rec("dir", "sub"), rec("good", "ok.png")]
+            rec("dir", "sub"), rec("fifo", "fifo.png"), rec("dev", "zero.png"), rec("good", "ok.png")]
     rc, out = run(tmp_path, recs)
     assert rc == 0
     got = {r["id"]: (r["reason"], r["detail"]) for r in rejects_of(out)}
@@ -82,6 +84,7 @@ def test_os_errors_on_image_paths_are_rejects(tmp_path, images):
     assert got["long"][0] == "missing_image" and "ENAMETOOLONG" in got["long"][1]
     assert got["notdir"][0] == "missing_image" and "ENOTDIR" in got["notdir"][1]
     assert got["dir"][0] == "missing_image" and "EISDIR" in got["dir"][1]
+    assert got["fifo"][0] == got["dev"][0] == "unreadable_image" and "not a regular file" in got["fifo"][1]
     assert json.loads((out / MANIFEST).read_text())["num_samples"] == 1
     assert cli(["llava", "--json", str(tmp_path / "data.json"), "--images", str(images), "--out", str(out),
                 "--quiet"]) == 0  # the rerun resumes, it does not die on the same record
@@ -265,6 +268,7 @@ def test_mix_of_every_bad_kind(tmp_path, images):
     os.symlink("loop_b.png", images / "loop_a.png")
     os.symlink("loop_a.png", images / "loop_b.png")
     (images / "sub").mkdir()
+    os.mkfifo(images / "fifo.png")
     good = [rec("g1", "ok.png"), rec("g2"), rec("g3", "..ok.jpg"), rec("g4", "grey16.png"),
             rec("g5", "ok.png", extra={"k": [1, 2]})]
     bad = [json.dumps(x, ensure_ascii=False) for x in [
@@ -272,7 +276,7 @@ def test_mix_of_every_bad_kind(tmp_path, images):
         rec("e1", "ok.png", conversations=conv(a=" ")), rec("t1", "ok.png", conversations=conv(q="no token")),
         rec("t2", conversations=conv()), rec("f1", ["ok.png"]), rec("f2", "/abs.png"), rec("f3", "../up.png"),
         rec("f4", "ok\x00.png"), rec("i1", "nope.png"), rec("i2", "broken.png"), rec("i3", "loop_a.png"),
-        rec("i4", "y" * 300), rec("i5", "ok.png/x.png"), rec("i6", "sub"),
+        rec("i4", "y" * 300), rec("i5", "ok.png/x.png"), rec("i6", "sub"), rec("i7", "fifo.png"),
     ]] + ['{"id": "s1", "conversations": [{"from": "human", "value": "\\ud800"}, {"from": "gpt", "value": "y"}]}',
           '{"id": "j1", "conversations": [{"from": "human"']
     lines = []
