@@ -28,7 +28,14 @@ from .loading import (
     vision_feature_width,
     weight_files,
 )
-from .projector import FetchedProjector, fold_projector, init_adapter_, read_projector_weights, validate_teacher_projector
+from .projector import (
+    FetchedProjector,
+    fold_projector,
+    fold_projector_exact,
+    init_adapter_,
+    read_projector_weights,
+    validate_teacher_projector,
+)
 
 CHECKPOINT_FORMAT = "distill.student_checkpoint"
 CHECKPOINT_VERSION = 1
@@ -115,15 +122,31 @@ def _install_fetched(model, spec: dict, weights: dict, dtype: torch.dtype, init_
 
 
 def _install_folded(model, spec: dict, weights: dict, dtype: torch.dtype) -> nn.Module:
-    """Replace the projector by a stock one equal to the folded fetched projector."""
+    """Replace the projector by one equal to the folded fetched projector.
+
+    ``Ht <= Hs``: a stock ``LlavaMultiModalProjector`` (:func:`fold_projector`). ``Ht > Hs``: a
+    ``DistillLlavaMultiModalProjector`` of inner width ``Ht`` (:func:`fold_projector_exact`), and
+    ``config.projector_intermediate_size = Ht`` so a saved folder reloads with that shape
+    (:func:`distill.models.load_vlm`, or ``trust_remote_code`` after ``distill.export``).
+    """
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    folded = fold_projector(weights, spec["act"], spec["student_hidden"])
+    from .modeling_distill_llava import DistillLlavaMultiModalProjector
+
     cfg = getattr(model, "module", model).config
     cfg.projector_hidden_act = spec["act"]
+    if spec["teacher_hidden"] > spec["student_hidden"]:
+        folded = fold_projector_exact(weights)
+        cfg.projector_intermediate_size = int(spec["teacher_hidden"])
+        factory = lambda: DistillLlavaMultiModalProjector(cfg)  # noqa: E731
+    else:
+        folded = fold_projector(weights, spec["act"], spec["student_hidden"])
+        if hasattr(cfg, "projector_intermediate_size"):
+            del cfg.projector_intermediate_size
+        factory = lambda: LlavaMultiModalProjector(cfg)  # noqa: E731
     cfg.multimodal_projector_bias = "linear_1.bias" in folded
     home = _projector_home(model)
-    proj = _new_module(lambda: LlavaMultiModalProjector(cfg), home.multi_modal_projector, dtype)
+    proj = _new_module(factory, home.multi_modal_projector, dtype)
     _write(proj, folded)
     home.multi_modal_projector = proj
     return proj
@@ -168,7 +191,8 @@ def build_student(
         adapter_fetch: replace ``model.model.multi_modal_projector`` by a
             :class:`FetchedProjector` (teacher projector read from ``teacher_path``'s safetensors,
             frozen, + trainable ``adapter``). For a checkpoint folder the stored projector is
-            kept when True; when False a stored fetched projector is folded into a stock one.
+            kept when True; when False a stored fetched projector is folded into a stock one
+            (``Ht <= Hs``) or into an exact projector of inner width ``Ht`` (``Ht > Hs``).
         dtype: parameter dtype (``torch.dtype`` or "fp32"/"bf16"/"fp16").
 
     All errors (bad folder, incompatible pair, teacher projector missing or misshapen) are
@@ -283,7 +307,8 @@ def load_student_checkpoint(
     """Read a folder written by :func:`save_student_checkpoint` (training form).
 
     A stored fetched projector comes back as a :class:`FetchedProjector` (``adapter_fetch``
-    True) or folded into a stock projector (``adapter_fetch`` False). Returns the model in
+    True) or folded (``adapter_fetch`` False): into a stock projector when ``Ht <= Hs``, else
+    into a ``DistillLlavaMultiModalProjector`` of inner width ``Ht`` (exact either way). Returns the model in
     ``train()`` mode with the teacher-projector copy frozen.
     """
     dtype = _dtype(dtype)

@@ -116,15 +116,29 @@ def load_vlm(path: str | os.PathLike, dtype=torch.float32, attn_implementation: 
 
     Under an alive ZeRO-3 ``HfDeepSpeedConfig`` transformers loads it partitioned (``zero.Init``).
     For a student checkpoint folder use :func:`distill.models.load_student_checkpoint`.
+
+    A folder whose projector is wider inside than the text model (``projector_intermediate_size``
+    in its config: an exact export of a student trained with a wider teacher's projector fetched)
+    loads as ``DistillLlavaForConditionalGeneration`` from this package (the same class the folder
+    ships for ``trust_remote_code``); no code from the folder is run.
     """
     from transformers import LlavaForConditionalGeneration
 
-    load_llava_config(path, role)
+    cfg = load_llava_config(path, role)
     weight_files(path, role)
     kwargs = {"dtype": _dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return LlavaForConditionalGeneration.from_pretrained(Path(path), **kwargs)
+    cls = LlavaForConditionalGeneration
+    if has_wide_projector(cfg):
+        from .modeling_distill_llava import DistillLlavaForConditionalGeneration as cls
+    return cls.from_pretrained(Path(path), **kwargs)
+
+
+def has_wide_projector(cfg) -> bool:
+    """True when a LLaVA config's projector has an inner width other than the text hidden size."""
+    inner = getattr(cfg, "projector_intermediate_size", None)
+    return bool(inner) and int(inner) != int(cfg.text_config.hidden_size)
 
 
 def load_processor(path: str | os.PathLike, role: str = "model"):

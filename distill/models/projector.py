@@ -3,7 +3,10 @@
 ``FetchedProjector(x) = adapter(linear_2(act(linear_1(x))))`` where ``linear_1``/``linear_2``
 are a frozen copy of the teacher's LLaVA projector and ``adapter`` maps the teacher's text
 width ``Ht`` to the student's ``Hs``. Because it ends in two linear maps it folds exactly into
-one stock ``LlavaMultiModalProjector`` (:func:`fold_projector`) when ``Ht <= Hs``.
+one stock ``LlavaMultiModalProjector`` (:func:`fold_projector`) when ``Ht <= Hs``, and for any
+widths into a projector of inner width ``Ht`` (:func:`fold_projector_exact`, the
+``DistillLlavaMultiModalProjector`` of :mod:`distill.models.modeling_distill_llava`). A stock-shaped
+approximation for ``Ht > Hs`` is fitted by :func:`fit_stock_projector`.
 """
 
 from __future__ import annotations
@@ -166,8 +169,9 @@ def fold_projector(weights: dict[str, torch.Tensor], act: str, student_hidden: i
             f"Cannot fold the fetched projector into a stock LLaVA projector: the teacher's projector is "
             f"{ht} wide but transformers' LlavaMultiModalProjector of a student with text hidden size {hs} "
             f"has an intermediate width of {hs} < {ht}, so the fold (linear_2' = P.W2) has no exact stock "
-            "form. Options: train with `adapter_fetch: false` (the student keeps its own projector), or "
-            "use a student whose text hidden size is at least the teacher's."
+            "form. Options: the default `python -m distill.export` (exact, ships a small model file: load "
+            "with trust_remote_code=True), `python -m distill.export --stock` (fits a stock projector), "
+            "or train with `adapter_fetch: false` / a student at least as wide as the teacher."
         )
     if ht < hs:
         zero = torch.zeros(1)
@@ -190,3 +194,132 @@ def fold_projector(weights: dict[str, torch.Tensor], act: str, student_hidden: i
         b2f = pw @ b2.float() if b2 is not None else torch.zeros(hs)
         out["linear_2.bias"] = b2f + (pb.float() if pb is not None else 0.0)
     return out
+
+
+def fold_projector_exact(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold teacher projector + adapter into one projector of inner width ``Ht`` (any widths).
+
+    ``linear_1 = W1`` ``[Ht,V]`` (unchanged), ``linear_2' = P W2`` ``[Hs,Ht]`` and
+    ``b2' = P b2 + p``: the tensors of a ``DistillLlavaMultiModalProjector`` with
+    ``projector_intermediate_size = Ht``. Computed in fp32; exact up to rounding.
+    """
+    w1 = weights["linear_1.weight"].float()
+    w2 = weights["linear_2.weight"].float()
+    pw = weights["adapter.weight"].float()
+    if pw.shape[1] != w2.shape[0]:
+        raise ModelConfigError(f"adapter weight has shape {tuple(pw.shape)}, expected (*, {w2.shape[0]}).")
+    out = {"linear_1.weight": w1.clone(), "linear_2.weight": pw @ w2}
+    b1, b2, pb = weights.get("linear_1.bias"), weights.get("linear_2.bias"), weights.get("adapter.bias")
+    if b1 is not None or b2 is not None or pb is not None:
+        out["linear_1.bias"] = b1.float().clone() if b1 is not None else torch.zeros(w1.shape[0])
+        b2f = pw @ b2.float() if b2 is not None else torch.zeros(pw.shape[0])
+        out["linear_2.bias"] = b2f + (pb.float() if pb is not None else 0.0)
+    return out
+
+
+def _apply(w: dict[str, torch.Tensor], act, x: torch.Tensor) -> torch.Tensor:
+    h = act(torch.nn.functional.linear(x, w["linear_1.weight"], w.get("linear_1.bias")))
+    return torch.nn.functional.linear(h, w["linear_2.weight"], w.get("linear_2.bias"))
+
+
+def projector_rel_error(ref: dict, fit: dict, act: str, x: torch.Tensor, batch: int = 8192) -> float:
+    """``||fit(x) - ref(x)||_F / ||ref(x)||_F`` over the rows of ``x`` ``[N, V]`` (fp32, batched)."""
+    fn = ACT2FN[act]
+    num = den = 0.0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch):
+            xb = x[i:i + batch].float()
+            y = _apply(ref, fn, xb)
+            num += float((_apply(fit, fn, xb) - y).pow(2).sum())
+            den += float(y.pow(2).sum())
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def fit_stock_projector(
+    exact: dict[str, torch.Tensor],
+    act: str,
+    x_fit: torch.Tensor,
+    x_val: torch.Tensor | None = None,
+    steps: int = 300,
+    lr: float = 1e-3,
+    ridge: float = 1e-6,
+    batch: int = 8192,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fit a stock-shaped projector ``Linear(V,Hs) -> act -> Linear(Hs,Hs)`` to an exact one.
+
+    ``exact``: tensors of the inner-width-``Ht`` projector (:func:`fold_projector_exact`).
+    ``x_fit`` / ``x_val``: vision features ``[N, V]`` (rows = image tokens) to fit on / to
+    report on (held out; default ``x_fit``).
+
+    1. Initialise ``linear_1`` with the ``Hs`` hidden units of the exact projector that carry the
+       most output (std of the unit on ``x_fit`` x norm of its column of ``linear_2``): a
+       projection of the teacher's first layer onto ``Hs`` of its units.
+    2. Least squares (ridge ``ridge`` x mean diagonal) for ``linear_2`` and its bias on those units.
+    3. ``steps`` Adam steps (``lr`` relative to each tensor's RMS, cosine decay, minibatches of
+       ``batch`` rows) on all four tensors, minimising the relative squared error.
+
+    The result with the lower held-out error (least squares alone, or after Adam) is returned
+    with a report: ``rel_error_val`` / ``rel_error_fit`` (``||fit - exact|| / ||exact||``),
+    ``rel_error_lstsq_val``, ``steps``, ``units`` (indices kept), sizes. fp32 throughout.
+    """
+    fn = ACT2FN[act]
+    dev = x_fit.device
+    ref = {k: v.float().to(dev) for k, v in exact.items()}
+    w1, b1 = ref["linear_1.weight"], ref.get("linear_1.bias")
+    w2 = ref["linear_2.weight"]
+    ht, v = w1.shape
+    hs = w2.shape[0]
+    x_fit = x_fit.float()
+    x_val = x_fit if x_val is None else x_val.float().to(dev)
+    bias = b1 is not None or "linear_2.bias" in ref
+    with torch.no_grad():
+        y = _apply(ref, fn, x_fit)
+        h = fn(torch.nn.functional.linear(x_fit, w1, b1))
+        k = min(hs, ht)
+        score = h.std(0) * w2.norm(dim=0)
+        units = torch.sort(torch.topk(score, k).indices).values
+        if k < hs:  # Ht < Hs never reaches here in export (exact fold), kept for completeness
+            units = torch.cat([units, units[: hs - k]])
+        hsel = h[:, units]
+        a = torch.cat([hsel, torch.ones(hsel.shape[0], 1, device=dev)], 1) if bias else hsel
+        gram = a.T @ a
+        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], device=dev)
+        sol = torch.linalg.solve(gram, a.T @ y)  # [Hs(+1), Hs]
+    fit = {"linear_1.weight": w1[units].clone(), "linear_2.weight": sol[:hs].T.contiguous()}
+    if bias:
+        fit["linear_1.bias"] = (b1[units].clone() if b1 is not None else torch.zeros(hs, device=dev))
+        fit["linear_2.bias"] = sol[hs].clone()
+    err_ls = projector_rel_error(ref, fit, act, x_val)
+    best, best_err, used = fit, err_ls, 0
+    if steps > 0:
+        params = {n: t.clone().requires_grad_(True) for n, t in fit.items()}
+        groups = [{"params": [p], "lr": lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)} for p in params.values()]
+        opt = torch.optim.Adam(groups)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        n = x_fit.shape[0]
+        y2 = y.pow(2).mean()
+        for _ in range(steps):
+            idx = torch.randperm(n, generator=g)[:batch].to(dev) if n > batch else slice(None)
+            loss = (_apply(params, fn, x_fit[idx]) - y[idx]).pow(2).mean() / y2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        adam = {n_: p.detach() for n_, p in params.items()}
+        err_adam = projector_rel_error(ref, adam, act, x_val)
+        if err_adam < best_err:
+            best, best_err, used = adam, err_adam, steps
+    report = {
+        "rel_error_val": best_err,
+        "rel_error_fit": projector_rel_error(ref, best, act, x_fit),
+        "rel_error_lstsq_val": err_ls,
+        "steps": used,
+        "fit_rows": int(x_fit.shape[0]),
+        "val_rows": int(x_val.shape[0]),
+        "teacher_hidden": int(ht),
+        "student_hidden": int(hs),
+        "units_kept": int(len(units)),
+    }
+    return {k_: t.cpu() for k_, t in best.items()}, report

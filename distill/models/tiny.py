@@ -241,13 +241,23 @@ class TinyPair:
     student: Path
 
 
-def build_tiny_pair(out_dir: str | os.PathLike, seed: int = 0) -> TinyPair:
-    """Write ``out_dir/teacher`` and ``out_dir/student``; same ``seed`` gives identical files."""
+TEACHER_HIDDEN = 64
+"""Default teacher text width of :func:`build_tiny_pair` (the student's is 64)."""
+
+
+def build_tiny_pair(out_dir: str | os.PathLike, seed: int = 0, teacher_hidden: int | None = None) -> TinyPair:
+    """Write ``out_dir/teacher`` and ``out_dir/student``; same ``seed`` gives identical files.
+
+    ``teacher_hidden``: the teacher's text hidden size (default :data:`TEACHER_HIDDEN`; a
+    multiple of 8). Wider than the student's 64 (e.g. 96) is the realistic case, where the
+    fetched projector has no stock fold and ``distill.export`` takes the custom (exact) path.
+    """
     root = Path(out_dir)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
+    th = TEACHER_HIDDEN if teacher_hidden is None else int(teacher_hidden)
     teacher = save_model(
-        llava_config(teacher_text_config(tokenizer), tokenizer), processor, root / "teacher", seed
+        llava_config(teacher_text_config(tokenizer, hidden_size=th), tokenizer), processor, root / "teacher", seed
     )
     student = save_model(
         llava_config(student_text_config(tokenizer), tokenizer), processor, root / "student", seed + 1
@@ -262,8 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="weight-initialisation seed")
+    parser.add_argument("--teacher-hidden", type=int, default=None,
+                        help=f"teacher text hidden size (default {TEACHER_HIDDEN}; the student's is 64)")
     args = parser.parse_args(argv)
-    pair = build_tiny_pair(args.out, seed=args.seed)
+    pair = build_tiny_pair(args.out, seed=args.seed, teacher_hidden=args.teacher_hidden)
     print(f"teacher: {pair.teacher}\nstudent: {pair.student}")
 
 
