@@ -243,6 +243,8 @@ class _Stream:
                 if self.refill():  # the value may straddle the buffer end
                     continue
                 raise self.fail(f"malformed JSON ({e.msg})", e.pos) from None
+            except (RecursionError, ValueError) as e:  # nested too deeply / integer with too many digits
+                raise self.fail(f"unreadable JSON value ({type(e).__name__}: {e})") from None
             # A value that ends exactly at the buffer end may be a truncated number/literal.
             if end >= len(self.buf) and self.refill():
                 continue
@@ -301,6 +303,16 @@ def _iter_stream(src: _TextSource, path: str) -> Iterator[Any]:
         raise s.fail("trailing data after the JSON array")
 
 
+def _loads_line(line: str, line_no: int) -> Any:
+    """``json.loads`` of one JSON Lines line; a value Python cannot hold becomes a ``BadLine``."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        raise
+    except (RecursionError, ValueError) as e:  # nested too deeply / integer with too many digits
+        return BadLine(line_no, f"line {line_no} holds an unreadable JSON value ({type(e).__name__}: {e})")
+
+
 def _json_lines(s: _Stream) -> Iterator[Any]:
     """JSON Lines: one value per line; a line that does not parse becomes a ``BadLine``.
 
@@ -313,7 +325,7 @@ def _json_lines(s: _Stream) -> Iterator[Any]:
     line = s.next_line()
     pending: list = []  # one record of look-ahead: a lone wrapper object is a whole-file error
     try:
-        pending.append(json.loads(line))
+        pending.append(_loads_line(line, first_line_no))
     except json.JSONDecodeError as e:
         if e.pos < len(line.rstrip()):  # broken inside the line: a bad JSON Lines line
             yield BadLine(first_line_no, f"line {first_line_no} is not valid JSON ({e.msg} at column {e.colno})")
@@ -337,7 +349,7 @@ def _json_lines(s: _Stream) -> Iterator[Any]:
         if not line.strip():
             continue
         try:
-            value: Any = json.loads(line)
+            value: Any = _loads_line(line, line_no)
         except json.JSONDecodeError as e:
             value = BadLine(line_no, f"line {line_no} is not valid JSON ({e.msg} at column {e.colno})")
         if pending:

@@ -368,5 +368,11 @@ def test_json_lines_bad_first_line_and_pretty_printed_values(tmp_path):
     p.write_text('{"id": 1,, "x": 2}\n{"id": 2}\n')
     got = list(iter_records(str(p)))
     assert isinstance(got[0], BadLine) and got[0].line == 1 and got[1] == {"id": 2}
+    p.write_text('{"id": 1}\n{"n": ' + "9" * 5000 + '}\n{"d": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    got = list(iter_records(str(p)))
+    assert got[0] == {"id": 1} and [b.line for b in got[1:]] == [2, 3]
+    p.write_text("[" + "[" * 100000 + "]" * 100000 + "]")
+    with pytest.raises(JSONStreamError, match="unreadable JSON value"):
+        list(iter_records(str(p)))
     p.write_text(json.dumps({"id": 1}, indent=2) + "\n" + json.dumps({"id": 2}, indent=2))
     assert list(iter_records(str(p), chunk_size=4)) == [{"id": 1}, {"id": 2}]
