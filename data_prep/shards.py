@@ -338,9 +338,9 @@ _STATE_KEYS = {
 }
 
 
-def _check_state(out_dir: str, json_path: str, images_dir: str, shard_size: int) -> None:
+def _run_state(json_path: str, images_dir: str, shard_size: int) -> dict:
     st = os.stat(json_path)
-    state = {
+    return {
         "prep_version": PREP_VERSION,
         "source": os.path.realpath(json_path),
         "source_bytes": st.st_size,
@@ -348,25 +348,36 @@ def _check_state(out_dir: str, json_path: str, images_dir: str, shard_size: int)
         "images": os.path.realpath(images_dir),
         "shard_size": shard_size,
     }
+
+
+def state_changes(out_dir: str, json_path: str, images_dir: str, shard_size: int) -> list[str] | None:
+    """What differs between a previous run's resume state in ``out_dir`` and these arguments:
+    ``None`` when there is no previous run, ``[]`` when it can be resumed, else one line per change.
+    Raises ``PrepError`` for an unreadable state file."""
     path = os.path.join(out_dir, STATE_DIR, "run.json")
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-            if not isinstance(old, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise PrepError(f"{path}: unreadable resume state ({type(e).__name__}: {e}); use a fresh --out "
-                            f"directory (or delete {out_dir}) to start over") from None
-        changed = [k for k in _STATE_KEYS if old.get(k) != state[k]]
-        if changed:
-            what = "; ".join(f"{_STATE_KEYS[k]}: was {old.get(k)!r}, now {state[k]!r}" for k in changed)
-            raise PrepError(
-                f"{out_dir} holds a previous run made with other inputs ({what}). Resuming would mix the two "
-                f"in one output. Rerun with the previous arguments to resume it, or use a fresh --out directory "
-                f"(or delete {out_dir}) to start over with these."
-            )
-    _atomic_write_json(path, state)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise PrepError(f"{path}: unreadable resume state ({type(e).__name__}: {e}); use a fresh --out "
+                        f"directory (or delete {out_dir}) to start over") from None
+    state = _run_state(json_path, images_dir, shard_size)
+    return [f"{_STATE_KEYS[k]}: was {old.get(k)!r}, now {state[k]!r}" for k in _STATE_KEYS if old.get(k) != state[k]]
+
+
+def _check_state(out_dir: str, json_path: str, images_dir: str, shard_size: int) -> None:
+    changed = state_changes(out_dir, json_path, images_dir, shard_size)
+    if changed:
+        raise PrepError(
+            f"{out_dir} holds a previous run made with other inputs ({'; '.join(changed)}). Resuming would mix "
+            f"the two in one output. Rerun with the previous arguments to resume it, or use a fresh --out "
+            f"directory (or delete {out_dir}) to start over with these."
+        )
+    _atomic_write_json(os.path.join(out_dir, STATE_DIR, "run.json"), _run_state(json_path, images_dir, shard_size))
 
 
 def _lock(out_dir: str):

@@ -238,7 +238,7 @@ def _write_split_json(out_dir: str, split: str, num: int, seed: int, size: int) 
 def make_synthetic(out_dir: str, num: int, seed: int = 0, num_test: int | None = None, size: int = 96,
                    shard_size: int = 1000, workers: int = 1, progress: bool = True) -> dict[str, PrepResult]:
     """Write all three splits and shard them. Returns ``{split: PrepResult}``."""
-    from .shards import PrepError
+    from .shards import PrepError, state_changes
 
     if num < 1:
         raise PrepError(f"--num must be >= 1, got {num}")
@@ -249,8 +249,9 @@ def make_synthetic(out_dir: str, num: int, seed: int = 0, num_test: int | None =
     for split in SPLITS:
         path, changed = _write_split_json(out_dir, split, counts[split], seed, size)
         shards = os.path.join(out_dir, split, "shards")
-        if changed and os.path.isdir(shards):  # other seed/num/size: old shards are stale (synth owns the folder)
-            shutil.rmtree(shards)
+        images = os.path.join(out_dir, split, "images")
+        if os.path.isdir(shards) and (changed or state_changes(shards, path, images, shard_size)):
+            shutil.rmtree(shards)  # other seed/num/size/rules: old shards are stale (synth owns the folder)
         results[split] = prepare_llava(path, os.path.join(out_dir, split, "images"), os.path.join(out_dir, split, "shards"),
                                        shard_size=shard_size, workers=workers, progress=progress)
     return results

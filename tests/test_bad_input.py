@@ -376,3 +376,15 @@ def test_json_lines_bad_first_line_and_pretty_printed_values(tmp_path):
         list(iter_records(str(p)))
     p.write_text(json.dumps({"id": 1}, indent=2) + "\n" + json.dumps({"id": 2}, indent=2))
     assert list(iter_records(str(p), chunk_size=4)) == [{"id": 1}, {"id": 2}]
+
+
+def test_synth_redoes_shards_made_by_older_rules(tmp_path):
+    from data_prep.synth import make_synthetic
+
+    make_synthetic(str(tmp_path), num=2, num_test=1, shard_size=2, progress=False)
+    state = tmp_path / "caption" / "shards" / ".prep" / "run.json"
+    old = json.loads(state.read_text())
+    del old["prep_version"]  # as written before the version was recorded
+    state.write_text(json.dumps(old))
+    res = make_synthetic(str(tmp_path), num=2, num_test=1, shard_size=2, progress=False)
+    assert res["caption"].shards_written == 1 and res["instruct"].shards_skipped == 1
