@@ -17,7 +17,9 @@ class DataConfig:
     """Micro-batch size per rank."""
     max_length: int = 2048
     """Maximum tokens per sample (image tokens included). Longer samples are cut after their image
-    tokens; a sample whose image tokens would be cut is dropped and counted (``image_truncated``)."""
+    tokens; a sample whose image tokens would be cut is dropped and counted (``image_truncated``).
+    ``build_loader`` refuses a value that cannot hold even the shortest image sample (the
+    processor's image tokens + the chat template + one answer token), before any model loads."""
     shuffle_buffer: int = 1000
     """Samples held in each reader's shuffle buffer (0 or 1 = no sample shuffling; shard order is
     still shuffled per epoch)."""
