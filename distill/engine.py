@@ -144,6 +144,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def failed_ranks(error: str | None) -> list[tuple[int, str]]:
+    """Collective: each rank's error message (``None`` if it is fine) -> the ``(rank, message)``
+    pairs of every failing rank, the same list on every rank (so all can stop together)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        got: list = [None] * dist.get_world_size()
+        dist.all_gather_object(got, error)
+    else:
+        got = [error]
+    return [(r, m) for r, m in enumerate(got) if m is not None]
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -314,10 +314,17 @@ def train(cfg: TrainConfig) -> dict:
     use_teacher = mcfg.teacher is not None and cfg.needs_teacher()
     processor = load_processor(mcfg.student)
     placeholder = PlaceholderImage.from_processor(processor, _image_token_id(mcfg.student))
-    try:  # before any weights load: data errors (too few shards, ...) are config errors
+    # Before any weights load: data errors (too few shards, unreadable shards, max_length below the
+    # image tokens, ...) are config errors, and every rank stops with the failing ranks' messages
+    # (a rank that failed alone would leave the others hanging in the first collective).
+    stream, error = None, None
+    try:
         stream = BatchStream(build_loader(cfg.data, processor, rank=rank, world_size=world, seed=cfg.run.seed), rank)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        error = str(e)
+    failed = E.failed_ranks(error)
+    if failed:
+        raise ConfigError("; ".join(f"[rank {r}] {m}" for r, m in failed))
 
     engines = E.build_engines(
         cfg, dist_info,

@@ -208,3 +208,30 @@ def test_lora_merge_matches_peft_forward():
     plain.load_state_dict(merged)
     x = torch.randn(4, 8)
     torch.testing.assert_close(plain(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_one_rank_with_unreadable_shards_stops_every_rank_before_weights_load(tiny_models, tmp_path):
+    """One rank's only shard is garbage: both ranks end with exit 2 and that rank's message, before
+    any model is built (no hang of the other rank in the first collective)."""
+    import shutil
+
+    paths = make_inputs(tmp_path, tiny_models)
+    good = sorted((tmp_path / "synth" / "instruct" / "shards").glob("*.tar"))[0]
+    shutil.copy(good, tmp_path / "a.tar")
+    (tmp_path / "b.tar").write_bytes(b"this is not a tar archive" * 40)
+    out = tmp_path / "run"
+    args = ["--config", paths["yaml3"], *paths["common"], *paths["extra3"], f"run.output_dir={out}",
+            f"data.shards=[{tmp_path / 'a.tar'},{tmp_path / 'b.tar'}]", "data.samples_per_epoch=4"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    rc = _launch.run(REPO / "launch" / "stage3.py", args, RANKS, logs, timeout=300)
+    text = [(logs / f"rank{r}.log").read_text() for r in range(RANKS)]
+    assert rc == 2, "\n".join(t[-2000:] for t in text)
+    import re
+
+    # split_by_node decides which rank reads b.tar; both ranks report that rank's message
+    msgs = [re.search(r"config error: \[rank (\d)\] (.*)", t) for t in text]
+    assert all(msgs) and msgs[0].group(0) == msgs[1].group(0), text
+    assert "b.tar" in msgs[0].group(2) and "a.tar" not in msgs[0].group(2)
+    assert "Traceback" not in text[0] + text[1]
+    assert not (out / "checkpoints").exists()

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from data_prep.images import to_rgb
 from data_prep.shards import IMAGE_EXTS, MANIFEST, REJECTS
 
 DEFAULT_CAPTION_PROMPT = "Describe the image."
@@ -49,7 +50,7 @@ class ImageRef:
                 img = Image.open(self.path)
             else:
                 raise EvalDataError(f"record {self.name!r} has no image")
-            return img.convert("RGB")
+            return to_rgb(img)  # high-bit-depth images scaled, not clipped
         except FileNotFoundError:
             raise EvalDataError(
                 f"image file {self.path!r} (record {self.name!r}) does not exist; pass the folder "

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from data_prep.images import to_rgb
 from distill.eval.common import EvalDataError, image_token_id, model_device, render_chat, user_turn
 from distill.viz.curves import save_figure
 
@@ -142,7 +143,7 @@ def render_attention(image, teacher: torch.Tensor, student: torch.Tensor, out: s
     labels = list(row_labels) if row_labels is not None else [f"pair {i}" for i in range(L)]
     if len(labels) != L:
         raise ValueError(f"{len(labels)} row labels for {L} rows")
-    img = np.asarray(image.convert("RGB"))
+    img = np.asarray(to_rgb(image))
     extent = (0, 1, 1, 0)
     fig, axes = plt.subplots(L, 3, figsize=(3 * cell_inches, L * cell_inches), dpi=dpi, squeeze=False)
     for r in range(L):
