@@ -197,46 +197,66 @@ def _chunk_terms(s, t, tgt, kind, temperature, beta, lm_w, kd_w, ignore_index):
 
     Closed-form gradients of ``lm_w * CE(s, tgt) + kd_w * T^2 * D(s/T, t/T)`` with respect to the
     student logits (rows with ``tgt == ignore_index`` get 0 everywhere); ``D`` is the divergence of
-    :func:`_divergence` with the same conventions (0 * log 0 = 0).
+    :func:`_divergence` with the same conventions (0 * log 0 = 0). ``s`` and ``t`` are temporaries
+    of the caller and are overwritten (about 6 fp32 [c, V] buffers live at the peak).
     """
     s = s.float()
+    temp = float(temperature)
     keep = tgt != ignore_index
     keep_f = keep.float()[:, None]
-    lse = torch.logsumexp(s, -1)  # (c,)
-    picked = s.gather(1, tgt.clamp(min=0)[:, None]).squeeze(1)
-    lm = (lse - picked) * keep_f[:, 0]
+    tgt0 = tgt.clamp(min=0)[:, None]
+    lse = torch.logsumexp(s, -1, keepdim=True)  # (c, 1)
+    lm = (lse[:, 0] - s.gather(1, tgt0)[:, 0]) * keep_f[:, 0]
+    if t is None:
+        grad = s.sub_(lse).exp_()  # softmax(s)
+        logp_s = None
+    elif temp == 1.0:
+        logp_s = s.sub_(lse)  # in place: s is not needed any more
+        grad = logp_s.exp()  # softmax(s) = p_s
+    else:
+        logp_s = s / temp
+        logp_s -= torch.logsumexp(logp_s, -1, keepdim=True)
+        grad = s.sub_(lse).exp_()  # softmax(s), in place
+    del s
     # d CE / ds = softmax(s) - onehot(tgt)
-    grad = torch.sub(s, lse[:, None]).exp_()
     if lm_w != 1.0:
         grad.mul_(lm_w)
-    grad.scatter_add_(1, tgt.clamp(min=0)[:, None], torch.full_like(picked, -lm_w)[:, None])
+    grad.scatter_add_(1, tgt0, torch.full(tgt0.shape, -lm_w, dtype=grad.dtype, device=grad.device))
     kd = torch.zeros_like(lm)
     if t is not None:
-        temp = float(temperature)
-        z = s if temp == 1.0 else s / temp
-        logp_s = z - (lse if temp == 1.0 else torch.logsumexp(z, -1))[:, None]
-        del z
-        logp_t = F.log_softmax(t.float() / temp if temp != 1.0 else t.float(), dim=-1)
-        p_s, p_t = logp_s.exp(), logp_t.exp()
+        logp_t = t.float()
+        del t
+        if temp != 1.0:
+            logp_t = logp_t.div_(temp)
+        logp_t = logp_t.sub_(torch.logsumexp(logp_t, -1, keepdim=True))  # in place: the teacher's temporary
+        p_t = logp_t.exp()
         if kind == "jsd" and beta == 0.0:
             kind = "forward_kl"
         elif kind == "jsd" and beta == 1.0:
             kind = "reverse_kl"
         if kind == "forward_kl":  # KL(P_t || P_s); d/dz = p_s - p_t
             d = _row_dot_(p_t, logp_t - logp_s, p_t == 0)
-            dz = p_s.sub_(p_t)
+            del logp_t
+            dz = logp_s.exp_().sub_(p_t)
         elif kind == "reverse_kl":  # KL(P_s || P_t); d/dz = p_s * (logp_s - logp_t - KL)
+            del p_t
+            p_s = logp_s.exp()
             zero_s = p_s == 0
-            d = _row_dot_(p_s, logp_s - logp_t, zero_s)
-            dz = (logp_s - logp_t).sub_(d[:, None]).mul_(p_s).masked_fill_(zero_s, 0.0)
+            diff = logp_s.sub_(logp_t)
+            del logp_t
+            d = _row_dot_(p_s, diff.clone(), zero_s)
+            dz = diff.sub_(d[:, None]).mul_(p_s).masked_fill_(zero_s, 0.0)
         else:  # (1-b) KL(P_t||M) + b KL(P_s||M), M = (1-b) P_s + b P_t
             b = float(beta)
-            logm = torch.logaddexp(logp_s + math.log(1.0 - b), logp_t + math.log(b))
+            p_s = logp_s.exp()
             zero_s = p_s == 0
+            logm = torch.logaddexp(logp_s + math.log(1.0 - b), logp_t + math.log(b))
             d = (1.0 - b) * _row_dot_(p_t, logp_t - logm, p_t == 0) + b * _row_dot_(p_s, logp_s - logm, zero_s)
+            del logp_t
             # df/dp_s = b (log p_s - log m) + b - (1-b) ((1-b) p_t + b p_s) / m ; dz = p_s (u - <p_s, u>)
-            u = (logp_s - logm).mul_(b)
-            u.sub_(((1.0 - b) * p_t + b * p_s).mul_(1.0 - b).div_(logm.exp_()))
+            u = logp_s.sub_(logm).mul_(b)
+            u.sub_(p_t.mul_(1.0 - b).add_(p_s, alpha=b).mul_(1.0 - b).div_(logm.exp_()))
+            del logm
             u.masked_fill_(zero_s, 0.0)
             u.sub_((u * p_s).sum(-1, keepdim=True)).mul_(p_s)
             dz = u
@@ -266,12 +286,11 @@ class _FusedLMKD(torch.autograd.Function):
         kd_total = torch.zeros((), dtype=torch.float32, device=h_s.device)
         for i in range(0, n, chunk):
             hs = h_s[i:i + chunk]
-            s = F.linear(hs, w_s, b_s)
-            t = None
-            if h_t is not None:
-                t = F.linear(h_t[i:i + chunk], w_t, b_t)[:, :v_s]
-            lm, kd, g = _chunk_terms(s, t, tgt[i:i + chunk], kind, temperature, beta, lm_w, kd_w, ignore_index)
-            del s, t
+            # the logits are passed as temporaries (no other reference): _chunk_terms reuses them
+            lm, kd, g = _chunk_terms(
+                F.linear(hs, w_s, b_s), None if h_t is None else F.linear(h_t[i:i + chunk], w_t, b_t)[:, :v_s],
+                tgt[i:i + chunk], kind, temperature, beta, lm_w, kd_w, ignore_index,
+            )
             lm_total += lm.sum()
             kd_total += kd.sum()
             g = g.to(w_s.dtype)

@@ -153,7 +153,10 @@ def _target_rows(labels: torch.Tensor, count) -> tuple[torch.Tensor, torch.Tenso
     keep = (tgt != IGNORE_INDEX).reshape(-1)
     if count is None:
         count = int(keep.sum())  # one host sync; collate's ``num_targets`` avoids it
-    flat = torch.nonzero_static(keep, size=int(count), fill_value=0).squeeze(1)
+    try:
+        flat = torch.nonzero_static(keep, size=int(count), fill_value=0).squeeze(1)
+    except (NotImplementedError, AttributeError):  # a torch build without it on this device
+        flat = keep.nonzero().squeeze(1)
     if hasattr(torch, "_assert_async"):  # async on accelerators: a wrong count fails the step
         torch._assert_async(keep.sum() == int(count), "batch['num_targets'] != (labels[:, 1:] != -100).sum()")
     t1 = tgt.shape[1]
