@@ -28,6 +28,8 @@ shapes, so there are no host syncs either way.  Operands: fp32 (exact) everywher
 fp16/bf16 inputs, whose matmuls run on the input dtype with fp32 output (``torch.bmm(...,
 out_dtype=torch.float32)``, tensor cores with fp32 accumulation); there the backward's dS and
 P*G are rounded to the input dtype before their matmuls, as flash-attention's backward does.
+For backward the forward saves the gathered visual rows of q and k (``B*Hq*n*D`` and ``B*Hk*n*D``
+in the compute dtype), k and the visual rows of lse; q itself is not kept.
 
 ``"triton"``: the kernels of :mod:`distill.attention.triton_visual` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``).  ``"auto"``: triton for CUDA tensors when triton imports, else torch.
