@@ -244,7 +244,8 @@ def test_torch_path_memory_budget_chunks_and_key_len(monkeypatch):
         return (m,) + torch.autograd.grad((m.double() * w).sum(), (q, k))
 
     base = run()
-    bounded = run(key_len=20)  # max(vis_pos) + 1 = 20
+    assert visual_mod.key_len_of(VIS_PAD) == 20  # max(vis_pos) + 1
+    bounded = run(key_len=visual_mod.key_len_of(VIS_PAD))
     monkeypatch.setattr(visual_mod, "MEMORY_BUDGET_BYTES", 2 * 4 * 4 * 23 * 3)  # 3 rows per strip
     chunked = run()
     for a, b, c in zip(base, bounded, chunked):

@@ -342,4 +342,7 @@ def visual_attention_probs_triton(q, k, lse, vis_pos, scale, head_mean=False, bl
     """
     if blocks is None:
         blocks = _blocks(q.shape[-1], _interpreting() or q.device.type != "cuda")
+    if q.device.type == "cuda":  # launch on q's device (backward runs with the device autograd sets)
+        with torch.cuda.device(q.device):
+            return _TritonVisual.apply(q, k, lse, vis_pos.contiguous(), float(scale), bool(head_mean), tuple(blocks))
     return _TritonVisual.apply(q, k, lse, vis_pos.contiguous(), float(scale), bool(head_mean), tuple(blocks))

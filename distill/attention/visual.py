@@ -47,7 +47,7 @@ import os
 
 import torch
 
-__all__ = ["IMPLS", "MEMORY_BUDGET_BYTES", "resolve_impl", "triton_available", "visual_attention_probs"]
+__all__ = ["IMPLS", "MEMORY_BUDGET_BYTES", "key_len_of", "resolve_impl", "triton_available", "visual_attention_probs"]
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -256,6 +256,20 @@ class _TorchVisual(torch.autograd.Function):
         # padded rows have dq = 0 (their strip rows are zero) and add it to position 0: deterministic
         dq.scatter_add_(2, idx[:, None, :, None].expand(b, hq, n, d), dq_v.view(b, hq, n, d))
         return (dq.to(q_dtype), dk.view(b, hk, t, d).to(k.dtype)) + (None,) * 6
+
+
+def key_len_of(vis_pos: torch.Tensor) -> int | None:
+    """``max(vis_pos) + 1`` of a host (CPU) ``vis_pos``, for ``visual_attention_probs(key_len=)``.
+
+    Meant for the collate step / the start of a step, where ``vis_pos`` still lives on the CPU and
+    reading it costs no device sync.  Returns ``None`` (no bound) for an empty ``vis_pos`` and
+    raises for device tensors, whose read would be exactly the host sync the op avoids.
+    """
+    if vis_pos.device.type != "cpu":
+        raise ValueError(f"key_len_of reads vis_pos on the host; got a {vis_pos.device} tensor (would sync)")
+    if vis_pos.numel() == 0:
+        return None
+    return max(1, int(vis_pos.max()) + 1)
 
 
 # ----------------------------------------------------------------------------- public op
