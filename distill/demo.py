@@ -172,6 +172,14 @@ def evaluate(run: Runner, b: Budget, name: str, model: Path, test: Path, out: Pa
     return res
 
 
+def _export_lines(out: Path) -> list[str]:
+    """Which export path each exported student took (from its distill_export.json)."""
+    from distill.export import EXPORT_INFO, describe
+
+    return [f"Export `{f.parent.relative_to(out)}`: {describe(json.loads(f.read_text()))}."
+            for f in sorted(out.glob(f"**/student_hf/{EXPORT_INFO}"))] or ["Export: no distill_export.json found."]
+
+
 def report(out: Path, results: dict[str, dict], images: dict[str, Path], budget: Budget, elapsed: float) -> str:
     """Write report.md and return the headline table."""
     cats = sorted({c for r in results.values() for c in r["compositional"].get("per_category", {})})
@@ -189,6 +197,7 @@ def report(out: Path, results: dict[str, dict], images: dict[str, Path], budget:
         "# Demo report", "",
         f"Tiny offline teacher/student pair, synthetic compositional data ({budget.scenes} training scenes per split, "
         f"{n_comp} held-out compositional samples), DeepSpeed ZeRO-3 on 2 CPU ranks. Wall time {elapsed / 60:.1f} min.",
+        "", *_export_lines(out),
         "", "Accuracy (%) on held-out data; compositional = the positive caption must out-score every hard negative "
         "(replace attribute / replace relation / swap attributes / swap objects); a category column = the positive "
         "out-scores that category's negatives.", "", table, "",

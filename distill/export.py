@@ -261,7 +261,7 @@ def export_student(
     fit_images: str | os.PathLike | None = None,
     fit_max_images: int = 256,
     fit_steps: int = 300,
-    fit_lr: float = 1e-3,
+    fit_lr: float = 1e-2,
     fit_seed: int = 0,
     device: str | None = None,
 ) -> Path:
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit-images", default=None, metavar="DIR", help="--stock fit data: a folder of images")
     parser.add_argument("--fit-max-images", type=int, default=256, help="images used by the fit (every 5th held out)")
     parser.add_argument("--fit-steps", type=int, default=300, help="Adam steps after the least-squares init")
-    parser.add_argument("--fit-lr", type=float, default=1e-3, help="Adam learning rate, relative to each tensor's RMS")
+    parser.add_argument("--fit-lr", type=float, default=1e-2, help="Adam learning rate, relative to each tensor's RMS")
     parser.add_argument("--max-fit-error", type=float, default=None,
                         help="fail (exit 3) when the held-out relative projector error is above this")
     parser.add_argument("--device", default=None, help="device for the fit (default: cuda if available)")

@@ -1,5 +1,8 @@
-"""Export: fold exactness, stock-transformers round trip, padded fold, Ht > Hs error."""
+"""Export: fold exactness, stock-transformers round trip (Ht == Hs), padded fold (Ht < Hs), Ht > Hs path.
 
+The realistic Ht > Hs exports (custom projector, --stock fit) are in test_export_wide.py."""
+
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -72,7 +75,7 @@ def test_fold_errors():
         fold_projector(w, "sigmoid", 16)
 
 
-def _export_and_compare(student_dir, teacher_dir, tmp_path, cli=False):
+def _export_and_compare(student_dir, teacher_dir, tmp_path, cli=False, stock=False):
     student = build_student(student_dir, teacher_dir)
     _randomize_adapter(student)
     student.eval()
@@ -81,10 +84,16 @@ def _export_and_compare(student_dir, teacher_dir, tmp_path, cli=False):
         ref = student(**batch).logits
     save_student_checkpoint(tmp_path / "ck", student, load_processor(student_dir))
     if cli:
-        assert main(["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "out"), "--dtype", "fp32"]) == 0
+        args = ["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "out"), "--dtype", "fp32"]
+        assert main(args + (["--stock"] if stock else [])) == 0
     else:
-        export_student(tmp_path / "ck", tmp_path / "out", dtype=torch.float32)
+        export_student(tmp_path / "ck", tmp_path / "out", dtype=torch.float32, stock=stock)
     assert not (tmp_path / "out" / "distill_checkpoint.json").exists()
+    info = json.loads((tmp_path / "out" / "distill_export.json").read_text())
+    assert info["export"] == "stock" and info["exact"]  # Ht <= Hs: the exact stock fold, --stock or not
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "auto_map" not in cfg and "projector_intermediate_size" not in cfg
+    assert not (tmp_path / "out" / "modeling_distill_llava.py").exists()
 
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
     proc = AutoProcessor.from_pretrained(tmp_path / "out")
@@ -106,8 +115,9 @@ def _image():
     return Image.fromarray((np.random.RandomState(1).rand(52, 64, 3) * 255).astype("uint8"))
 
 
-def test_export_round_trip_stock_load_and_generate(tiny_models, tmp_path):
-    model, proc, batch = _export_and_compare(tiny_models.student, tiny_models.teacher, tmp_path, cli=True)
+def test_export_round_trip_stock_load_and_generate(tiny_models, odd_widths, tmp_path):
+    """Equal widths (Ht = Hs = 64): the fold is exact and stock."""
+    model, proc, batch = _export_and_compare(tiny_models.student, odd_widths["teacher64"], tmp_path, cli=True)
     gen = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=proc.tokenizer.pad_token_id)
     assert gen.shape[1] >= batch["input_ids"].shape[1] + 1
     assert isinstance(proc.batch_decode(gen[:, batch["input_ids"].shape[1]:])[0], str)
@@ -115,29 +125,33 @@ def test_export_round_trip_stock_load_and_generate(tiny_models, tmp_path):
 
 @pytest.fixture(scope="module")
 def odd_widths(tmp_path_factory):
-    """A narrow teacher (Ht=32), a wide student (Hs=64) and a narrow student (Hs=32)."""
+    """Teachers Ht=32 and Ht=64 (as wide as the tiny student), students Hs=64 and Hs=32."""
     root = tmp_path_factory.mktemp("widths")
     tok = tiny.build_tokenizer()
     proc = tiny.build_processor(tok)
     mk = lambda text_cfg, name, seed: tiny.save_model(tiny.llava_config(text_cfg, tok), proc, root / name, seed)  # noqa: E731
     return {
         "teacher32": mk(tiny.teacher_text_config(tok, hidden_size=32, num_layers=2), "teacher32", 0),
+        "teacher64": mk(tiny.teacher_text_config(tok, hidden_size=64, num_layers=2), "teacher64", 3),
         "student64": mk(tiny.student_text_config(tok, hidden_size=64, num_layers=2), "student64", 1),
         "student32": mk(tiny.student_text_config(tok, hidden_size=32, num_layers=2), "student32", 2),
     }
 
 
-def test_export_padded_fold(odd_widths, tmp_path):
-    """Student wider than the teacher: linear_1 zero-padded, still exact."""
-    model, _, _ = _export_and_compare(odd_widths["student64"], odd_widths["teacher32"], tmp_path)
+@pytest.mark.parametrize("stock", [False, True])
+def test_export_padded_fold(odd_widths, tmp_path, stock):
+    """Student wider than the teacher: linear_1 zero-padded, still exact (``--stock`` changes nothing)."""
+    model, _, _ = _export_and_compare(odd_widths["student64"], odd_widths["teacher32"], tmp_path, stock=stock)
     w1 = model.model.multi_modal_projector.linear_1.weight
     assert w1.shape[0] == 64 and torch.all(w1[32:] == 0)
 
 
-def test_export_teacher_wider_than_student_errors(tiny_models, odd_widths, tmp_path, capsys):
-    student = build_student(odd_widths["student32"], tiny_models.teacher)  # Ht=64 > Hs=32: trains fine
+def test_export_teacher_wider_than_student_takes_custom_path(odd_widths, tmp_path, capsys):
+    """Ht=64 > Hs=32: no stock fold; the default export is exact with the shipped projector code."""
+    student = build_student(odd_widths["student32"], odd_widths["teacher64"])  # trains fine
     save_student_checkpoint(tmp_path / "ck", student, load_processor(odd_widths["student32"]))
-    with pytest.raises(ModelConfigError, match="at least the teacher"):
-        export_student(tmp_path / "ck", tmp_path / "out")
-    assert main(["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "out2")]) == 2
-    assert "adapter_fetch: false" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "out")]) == 0
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    info = json.loads((tmp_path / "out" / "distill_export.json").read_text())
+    assert info["export"] == "custom" and info["exact"] and (info["teacher_hidden"], info["student_hidden"]) == (64, 32)
+    assert (tmp_path / "out" / "modeling_distill_llava.py").is_file()

@@ -212,9 +212,17 @@ def test_build_teacher_and_student(tiny_models):
         torch.testing.assert_close(
             getattr(proj.teacher_projector, name).weight, getattr(teacher.model.multi_modal_projector, name).weight, rtol=0, atol=0
         )
-    # Ht == Hs: the adapter starts as the identity, so the student sees the teacher's image embeddings
+    # the adapter starts norm-preserving: the identity when Ht == Hs (the student then sees the
+    # teacher's image embeddings), else semi-orthogonal with orthonormal rows (Hs < Ht) or columns
     feats = torch.randn(2, 5, 32)
-    torch.testing.assert_close(proj(feats), teacher.model.multi_modal_projector(feats))
+    hs, ht = proj.adapter.weight.shape
+    w = proj.adapter.weight.detach()
+    gram = w @ w.T if hs <= ht else w.T @ w
+    torch.testing.assert_close(gram, torch.eye(min(hs, ht)), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(proj(feats), proj.adapter(teacher.model.multi_modal_projector(feats)))
+        if hs == ht:
+            torch.testing.assert_close(proj(feats), teacher.model.multi_modal_projector(feats))
     # gradients reach the adapter but not the frozen copy
     batch = _batch(tiny_models.student)
     out = student(**batch, labels=batch["input_ids"])
@@ -226,7 +234,8 @@ def test_build_teacher_and_student(tiny_models):
 def test_student_checkpoint_round_trip(tiny_models, tmp_path):
     student = build_student(tiny_models.student, tiny_models.teacher)
     with torch.no_grad():  # a trained-looking adapter (not the identity)
-        student.model.multi_modal_projector.adapter.weight.add_(0.1 * torch.randn(64, 64))
+        adapter = student.model.multi_modal_projector.adapter
+        adapter.weight.add_(0.1 * torch.randn(adapter.weight.shape))
         student.model.multi_modal_projector.adapter.bias.normal_()
     student.eval()
     batch = _batch(tiny_models.student)
@@ -258,7 +267,7 @@ import sys, torch, torch.distributed as dist, deepspeed, numpy as np
 from PIL import Image
 from transformers.integrations import HfDeepSpeedConfig
 from distill.models import build_student, save_student_checkpoint, load_processor, FetchedProjector
-from distill.models.projector import read_projector_weights
+from distill.models.projector import init_adapter_, read_projector_weights
 
 student_dir, teacher_dir, out = sys.argv[1:4]
 deepspeed.init_distributed(dist_backend="gloo")
@@ -274,7 +283,9 @@ ref_w = read_projector_weights(teacher_dir)
 with deepspeed.zero.GatheredParameters(list(proj.parameters())):
     assert torch.equal(proj.teacher_projector.linear_2.weight, ref_w["linear_2.weight"])
     assert torch.equal(proj.teacher_projector.linear_1.bias, ref_w["linear_1.bias"])
-    assert torch.equal(proj.adapter.weight, torch.eye(64))
+    init = torch.nn.Linear(proj.adapter.in_features, proj.adapter.out_features)
+    init_adapter_(init)
+    assert torch.equal(proj.adapter.weight, init.weight)
 engine, *_ = deepspeed.initialize(model=student, model_parameters=[p for p in student.parameters() if p.requires_grad], config=cfg)
 proc = load_processor(student_dir)
 img = Image.fromarray((np.random.RandomState(0).rand(48, 48, 3) * 255).astype("uint8"))
@@ -307,6 +318,10 @@ def test_build_student_under_zero3_two_ranks(tiny_models, tmp_path):
     ref = torch.load(tmp_path / "ref.pt")
     model = load_student_checkpoint(tmp_path / "ck").eval()
     adapter = model.model.multi_modal_projector.adapter.weight
-    assert not torch.equal(adapter, torch.eye(64))  # the step trained the adapter
+    from distill.models.projector import init_adapter_
+
+    init = torch.nn.Linear(adapter.shape[1], adapter.shape[0])
+    init_adapter_(init)
+    assert not torch.equal(adapter, init.weight)  # the step trained the adapter
     with torch.no_grad():
         torch.testing.assert_close(model(**ref["batch"]).logits, ref["logits"], rtol=0, atol=1e-5)

@@ -241,7 +241,7 @@ def fit_stock_projector(
     x_fit: torch.Tensor,
     x_val: torch.Tensor | None = None,
     steps: int = 300,
-    lr: float = 1e-3,
+    lr: float = 1e-2,
     ridge: float = 1e-6,
     batch: int = 8192,
     seed: int = 0,
