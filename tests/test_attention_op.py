@@ -308,3 +308,45 @@ def test_torch_path_op_count_real_layer_shape(monkeypatch):
     assert "aten._local_scalar_dense" not in real and "aten.nonzero" not in real, real
     small = _one_layer_ops(monkeypatch, b=2, hq=4, hk=2)
     assert sum(small.values()) == total, (real, small)  # no loops over heads, batch or chunks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_cuda_impls_match_reference_without_host_syncs(impl, dtype):
+    """On CUDA: both impls against the fp64 reference (GQA, two images, -1 padding), and no host
+    sync inside the op (``torch.cuda.set_sync_debug_mode("error")``)."""
+    from distill.attention import resolve_impl
+
+    try:
+        resolve_impl(impl, "cuda")
+    except ValueError as e:
+        pytest.skip(str(e))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 100, 8, 64, generator=g).to("cuda", dtype).transpose(1, 2)  # HF layout
+    k = torch.randn(2, 100, 2, 64, generator=g).to("cuda", dtype).transpose(1, 2)
+    vis = torch.full((2, 40), -1, dtype=torch.long)
+    vis[0] = torch.cat([torch.arange(3, 23), torch.arange(50, 70)])  # two images
+    vis[1, :30] = torch.arange(60, 90)  # one image, tail padded
+    scale = 0.125
+    # fp64 reference on the CPU (the helpers build their masks there), same rounded inputs
+    rq, rk = q.double().cpu().requires_grad_(), k.double().cpu().requires_grad_()
+    lse = _lse(rq.detach(), rk.detach(), scale).float().cuda()
+    ref = _reference_padded(rq, rk, vis, scale).mean(1)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    gq_ref, gk_ref = torch.autograd.grad((ref * w).sum(), (rq, rk))
+    vis, w = vis.cuda(), w.cuda()
+    ref, gq_ref, gk_ref = ref.cuda(), gq_ref.cuda(), gk_ref.cuda()
+    qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
+    visual_attention_probs(qq, kk, lse, vis, scale, head_mean=True, impl=impl)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        m = visual_attention_probs(qq, kk, lse, vis, scale, head_mean=True, impl=impl)
+        gq, gk = torch.autograd.grad(m, (qq, kk), w.float())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    tol_f, tol_g = (1e-5, 1e-4) if dtype == torch.float32 else (1e-4, 3e-2)
+    assert (m.double() - ref).abs().max() <= tol_f
+    for a, b in ((gq, gq_ref), (gk, gk_ref)):
+        assert ((a.double() - b).abs().max() / b.abs().max()) <= tol_g
