@@ -27,7 +27,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from distill.attention import AttentionCapture, install, text_decoder_layers
 from distill.attention.kernels import BACKENDS
