@@ -90,6 +90,11 @@ def test_export_exact_custom_projector(wide, tmp_path, capsys):
     assert type(ours).__module__ == "distill.models.modeling_distill_llava"
     with torch.no_grad():
         assert (ours(**batch).logits - wide["ref"]).abs().max() < 1e-4
+    # such a folder cannot be a fetch teacher (its projector is not square): a clear error
+    from distill.models import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="custom projector"):
+        build_student(wide["pair"].student, out)
     # the training-form checkpoint folded (what distill.eval does) is the same function
     folded = load_student_checkpoint(wide["ck"], adapter_fetch=False).eval()
     with torch.no_grad():

@@ -22,6 +22,7 @@ from .loading import (
     _folder,
     check_fetch_shapes,
     check_pair,
+    has_wide_projector,
     is_student_checkpoint,
     load_llava_config,
     load_vlm,
@@ -155,6 +156,13 @@ def _install_folded(model, spec: dict, weights: dict, dtype: torch.dtype) -> nn.
 def teacher_projector_spec(student_cfg, teacher_cfg) -> dict:
     """Shapes/settings of the ``FetchedProjector`` for a student/teacher config pair."""
     check_fetch_shapes(student_cfg, teacher_cfg)
+    if has_wide_projector(teacher_cfg):
+        raise ModelConfigError(
+            "teacher-adapter fetch needs a teacher with a stock LLaVA projector (inner width = its text hidden "
+            f"size {teacher_cfg.text_config.hidden_size}); this teacher is an exact export with a custom projector "
+            f"(projector_intermediate_size={teacher_cfg.projector_intermediate_size}). Train with "
+            "`adapter_fetch: false`, or use a `python -m distill.export --stock` export of it as the teacher."
+        )
     return {
         "in_features": vision_feature_width(teacher_cfg),
         "teacher_hidden": int(teacher_cfg.text_config.hidden_size),
