@@ -99,6 +99,12 @@ def test_export_exact_custom_projector(wide, tmp_path, capsys):
     folded = load_student_checkpoint(wide["ck"], adapter_fetch=False).eval()
     with torch.no_grad():
         assert (folded(**batch).logits - wide["ref"]).abs().max() < 1e-4
+    # ... and saved again in training form (a later stage with adapter_fetch: false) it reloads as is
+    save_student_checkpoint(tmp_path / "ck2", folded, proc)
+    again = load_student_checkpoint(tmp_path / "ck2").eval()
+    assert tuple(again.model.multi_modal_projector.linear_1.weight.shape) == (96, 32)
+    with torch.no_grad():
+        assert (again(**batch).logits - wide["ref"]).abs().max() < 1e-4
 
 
 def _write_shard(path, images):

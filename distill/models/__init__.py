@@ -4,8 +4,8 @@ See docs/INTERFACES.md ("Models"). All user-facing failures raise :class:`ModelC
 """
 
 from .build import build_student, build_teacher, load_student_checkpoint, save_student_checkpoint
-from .loading import ModelConfigError, check_pair, is_student_checkpoint, load_processor, load_vlm
-from .projector import FetchedProjector, fold_projector
+from .loading import ModelConfigError, check_pair, has_wide_projector, is_student_checkpoint, load_processor, load_vlm
+from .projector import FetchedProjector, fold_projector, fold_projector_exact
 
 __all__ = [
     "FetchedProjector",
@@ -14,6 +14,8 @@ __all__ = [
     "build_teacher",
     "check_pair",
     "fold_projector",
+    "fold_projector_exact",
+    "has_wide_projector",
     "is_student_checkpoint",
     "load_processor",
     "load_student_checkpoint",
