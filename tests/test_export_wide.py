@@ -59,7 +59,7 @@ def wide(tmp_path_factory):
 def test_export_exact_custom_projector(wide, tmp_path, capsys):
     # transformers copies the folder's code to HF_MODULES_CACHE/transformers_modules/<folder name>/:
     # a unique name keeps concurrent test sessions apart
-    out = tmp_path / f"custom_{tmp_path.parent.name}_{tmp_path.name}"
+    out = tmp_path / f"custom_{tmp_path.parent.name}_{tmp_path.name}".replace("-", "_")
     assert main(["--checkpoint", str(wide["ck"]), "--out", str(out), "--dtype", "fp32"]) == 0
     assert "trust_remote_code=True" in capsys.readouterr().out
     info = json.loads((out / EXPORT_INFO).read_text())
