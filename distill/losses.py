@@ -413,6 +413,9 @@ def fused_lm_kd_loss(
                 f"teacher vocabulary ({v_t}) is smaller than the student's ({v_s}); only extra padding rows on the "
                 "teacher side can be handled - the two models must share a tokenizer"
             )
+        if not torch.is_grad_enabled():  # no graph: skip the gradient work done in forward
+            student_hidden, w_s = student_hidden.detach(), w_s.detach()
+            b_s = None if b_s is None else b_s.detach()
         th = None
         if teacher_hidden is not None:
             th = teacher_hidden.detach()

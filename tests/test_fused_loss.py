@@ -215,3 +215,12 @@ def test_collate_counts_shifted_labelled_positions():
     b = enc([5, 6], [5, 6])  # shifted: [6] -> 1 (padding adds -100)
     out = collate([a, b], pad_token_id=0, image_token_id=1)
     assert out["num_targets"] == 3 == int((out["labels"][:, 1:] != -100).sum())
+
+
+def test_no_grad_mode_gives_values_only():
+    h_s, s_head, h_t, t_head, tgt = _setup()
+    with torch.no_grad():
+        loss, lm, kd = fused_lm_kd_loss(h_s, s_head, tgt, h_t, t_head, chunk_size=8)
+    ref, ref_lm, ref_kd = _plain(h_s, s_head, h_t, t_head, tgt, "forward_kl", 1.0, 0.5, 1.0, 1.0)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss.double(), ref.double().detach(), rtol=1e-5, atol=1e-5)
