@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from itertools import count
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def sbatch(script: str, args, work: Path, env=None, node_env=None, timeout=JOB_T
     """Run launch/slurm/<script> as a two-node job; returns when the batch script has ended and
     the job's remaining processes (on every node) are killed, as SLURM does at job end."""
     job_id = 4000 + (os.getpid() % 1000) * 10 + next(_ids)
+    marker = f"{job_id}-{uuid.uuid4().hex}"  # what confines pkill and the job-end cleanup to this job
     job_dir = work / f"job{job_id}"
     job_dir.mkdir(parents=True)
     spool = job_dir / "slurm_script"  # slurmd runs a copy, not the submitted file
@@ -78,7 +80,7 @@ def sbatch(script: str, args, work: Path, env=None, node_env=None, timeout=JOB_T
     nodelist = ",".join(HOSTS)
     nodes = {str(i): {"DS_ACCELERATOR": "cpu", **(node_env or {}).get(i, {})} for i in range(len(HOSTS))}
     (job_dir / "job.json").write_text(json.dumps({
-        "job_id": job_id, "job_name": "distill", "nodelist": nodelist, "hosts": list(HOSTS),
+        "job_id": job_id, "marker": marker, "job_name": "distill", "nodelist": nodelist, "hosts": list(HOSTS),
         "command": str(REPO / "launch" / "slurm" / script), "workdir": str(work),
         "node_env": nodes, "kill_wait": 3}))
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "STANDIN_"))}
@@ -96,7 +98,7 @@ def sbatch(script: str, args, work: Path, env=None, node_env=None, timeout=JOB_T
         "SLURM_CPUS_ON_NODE": "1", "SLURM_GTIDS": "0", "SLURM_SUBMIT_DIR": str(work),
         "SLURM_SUBMIT_HOST": HOSTS[0], "SLURMD_NODENAME": HOSTS[0], "SLURM_TOPOLOGY_ADDR": HOSTS[0],
         "SLURM_CLUSTER_NAME": "emulated", "SLURM_JOB_PARTITION": "cpu",
-        "STANDIN_JOB_DIR": str(job_dir), "STANDIN_JOB_ID": str(job_id), "STANDIN_NODE": "0",
+        "STANDIN_JOB_DIR": str(job_dir), "STANDIN_JOB_ID": marker, "STANDIN_NODE": "0",
         "TMPDIR": str(job_dir / "node0" / "tmp"), **nodes["0"],
     })
     (job_dir / "node0" / "tmp").mkdir(parents=True)
@@ -111,15 +113,15 @@ def sbatch(script: str, args, work: Path, env=None, node_env=None, timeout=JOB_T
             rc = None  # hung: the job's time limit
     elapsed = time.monotonic() - t0
     time.sleep(1)
-    leftovers = _end_job(job_id)
+    leftovers = _end_job(marker)
     return Job(rc, log.read_text(errors="replace"), elapsed, job_id, leftovers)
 
 
-def _end_job(job_id) -> list[str]:
+def _end_job(marker) -> list[str]:
     """SLURM kills whatever of the job still runs, on every node; returns what it found."""
     found = []
     for _ in range(3):
-        pids = _standin.job_pids(str(job_id))
+        pids = _standin.job_pids(marker)
         if not pids:
             break
         for pid in pids:

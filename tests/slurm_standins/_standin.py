@@ -4,11 +4,12 @@ multi-node SLURM job on one machine (used by tests/test_multinode.py; stdlib onl
 The job is described by ``$STANDIN_JOB_DIR/job.json`` (written by the test, which plays sbatch
 and slurmctld)::
 
-    {"job_id": 4242, "nodelist": "localhost,127.0.0.1", "hosts": ["localhost", "127.0.0.1"],
+    {"job_id": 4242, "marker": "4242-<uuid>", "nodelist": "localhost,127.0.0.1", "hosts": ["localhost", "127.0.0.1"],
      "command": "/abs/launch/slurm/x.sbatch", "workdir": "/submit/dir", "job_name": "distill",
      "node_env": {"0": {...}, "1": {...}}, "kill_wait": 3}
 
-"Node" ``i`` is hosts[i]; every process of the job carries ``STANDIN_JOB_ID`` and ``STANDIN_NODE``
+"Node" ``i`` is hosts[i]; every process of the job carries ``STANDIN_JOB_ID`` (the unique marker)
+and ``STANDIN_NODE``
 in its environment (the emulation's stand-in for the job's cgroup on each node), which is how
 ``pkill`` stays inside one node of this job and how the test cleans up at job end.
 
@@ -77,7 +78,7 @@ def _node_env(job: dict, node: int) -> dict:
     node's own settings (``node_env``: what differs between machines, e.g. DS_ACCELERATOR=cpu)."""
     tmp = os.path.join(JOB_DIR, f"node{node}", "tmp")
     os.makedirs(tmp, exist_ok=True)
-    env = {"STANDIN_JOB_DIR": JOB_DIR, "STANDIN_JOB_ID": str(job["job_id"]), "STANDIN_NODE": str(node),
+    env = {"STANDIN_JOB_DIR": JOB_DIR, "STANDIN_JOB_ID": job["marker"], "STANDIN_NODE": str(node),
            "STANDIN_PYTHON": os.environ.get("STANDIN_PYTHON", sys.executable), "TMPDIR": tmp}
     env.update(job.get("node_env", {}).get(str(node), {}))
     return env
