@@ -510,7 +510,8 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, stage=stage)
         preflight(cfg)
     except (ConfigError, ModelConfigError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        # once per node (a path missing on one node fails only that node's ranks)
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))) == 0:
             print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     try:

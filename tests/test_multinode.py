@@ -242,8 +242,6 @@ def test_a_node_failing_at_start_ends_the_job(node_fails_at_start):
     assert not job.leftovers, job  # node 0's rank, waiting in the rendezvous, was stopped by the script
 
 
-@pytest.mark.xfail(strict=True, reason="distill/train.py main() prints a config error on rank 0 only; "
-                   "a rank on another node that fails its config check exits 2 without saying why")
 def test_the_failing_nodes_error_text_is_in_the_job_output(node_fails_at_start):
     variant, job = node_fails_at_start
     assert "does not exist" in job.out, job  # the ModelConfigError of node 1's rank
