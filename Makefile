@@ -2,6 +2,7 @@
 #   make demo   install, then run the end-to-end tiny pipeline on 2 CPU ranks
 #   make test   install, then run the test suite
 #   make test-lowest  the capture, objective and model tests on the lowest declared transformers
+#   make test-quick   the suite without the multi-process / end-to-end tests (a few minutes)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -17,7 +18,7 @@ LOW_VENV ?= .venv-lowest
 LOW_PY   := $(LOW_VENV)/bin/python
 LOW_STAMP := $(LOW_VENV)/.installed-$(LOWEST_TRANSFORMERS)
 
-.PHONY: install test test-lowest demo ablation bench clean
+.PHONY: install test test-quick test-lowest demo ablation bench clean
 
 install: $(STAMP)
 
@@ -32,6 +33,9 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 $(LOW_STAMP): setup.py
 	test -x $(LOW_PY) || $(PYTHON) -m venv $(LOW_VENV)

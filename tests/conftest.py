@@ -18,3 +18,18 @@ def tiny_models(tmp_path_factory):
     from distill.models.tiny import build_tiny_pair
 
     return build_tiny_pair(tmp_path_factory.mktemp("tiny_models"), seed=0)
+
+
+# Multi-process / end-to-end modules: part of `make test` (CI), left out of `make test-quick`.
+SLOW_MODULES = {"test_demo", "test_multinode", "test_train", "test_engine", "test_checkpoint",
+                "test_visual_triton", "test_gpu_check", "test_fused_zero3"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process or end-to-end test (skipped by make test-quick)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
