@@ -270,17 +270,16 @@ def fit_stock_projector(
     w2 = ref["linear_2.weight"]
     ht, v = w1.shape
     hs = w2.shape[0]
+    if ht <= hs:
+        raise ModelConfigError(f"fit_stock_projector: inner width {ht} <= {hs} folds exactly (fold_projector); nothing to fit.")
     x_fit = x_fit.float()
     x_val = x_fit if x_val is None else x_val.float().to(dev)
     bias = b1 is not None or "linear_2.bias" in ref
     with torch.no_grad():
         y = _apply(ref, fn, x_fit)
         h = fn(torch.nn.functional.linear(x_fit, w1, b1))
-        k = min(hs, ht)
         score = h.std(0) * w2.norm(dim=0)
-        units = torch.sort(torch.topk(score, k).indices).values
-        if k < hs:  # Ht < Hs never reaches here in export (exact fold), kept for completeness
-            units = torch.cat([units, units[: hs - k]])
+        units = torch.sort(torch.topk(score, hs).indices).values
         hsel = h[:, units]
         a = torch.cat([hsel, torch.ones(hsel.shape[0], 1, device=dev)], 1) if bias else hsel
         gram = a.T @ a
