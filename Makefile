@@ -47,7 +47,7 @@ $(LOW_STAMP): setup.py
 test-lowest: $(LOW_STAMP)
 	$(LOW_PY) -c "import transformers as t; assert t.__version__ == '$(LOWEST_TRANSFORMERS)', t.__version__"
 	$(LOW_PY) -m pytest -q tests/test_capture.py tests/test_attention_op.py tests/test_objective.py \
-		tests/test_models.py tests/test_losses.py
+		tests/test_models.py tests/test_losses.py tests/test_fused_loss.py tests/test_flash_detect.py
 
 demo: $(STAMP)
 	$(PY) -m distill.demo --out runs/demo

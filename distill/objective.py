@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.attention import AttentionCapture, install, text_decoder_layers
+from distill.attention import VISUAL_IMPLS, AttentionCapture, install, text_decoder_layers
 from distill.attention.kernels import BACKENDS
 from distill.losses import ATTN_KINDS, KD_KINDS, attention_alignment_loss, fused_lm_kd_loss, match_layers
 
@@ -69,7 +69,10 @@ class LossConfig:
     backend: str = "auto"
     """Attention kernel: auto, flash_attn, sdpa_flash, sdpa_efficient, cpu_flash, eager."""
     attn_chunk_size: int | None = None
-    """Visual query rows per backward strip of the capture op; ``None``: automatic."""
+    """Visual query rows per backward strip of the capture op's torch path; ``None``: automatic."""
+    capture_impl: str = "auto"
+    """Visual-attention op: ``triton`` (fused kernels, CUDA), ``torch`` (batched fallback) or
+    ``auto`` (triton on CUDA when it imports, else torch)."""
 
     def __post_init__(self):
         for name in ("lm_weight", "kd_weight", "attn_weight"):
@@ -94,6 +97,8 @@ class LossConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"loss.{name}: must be a positive int or null, got {v!r}")
+        if self.capture_impl not in VISUAL_IMPLS:
+            raise ValueError(f"loss.capture_impl: must be one of {VISUAL_IMPLS}, got {self.capture_impl!r}")
         if self.backend not in ("auto",) + BACKENDS:
             raise ValueError(f"loss.backend: must be one of {('auto',) + BACKENDS}, got {self.backend!r}")
         if self.student_layers is not None and not isinstance(self.student_layers, (list, tuple)):
@@ -190,8 +195,10 @@ class DistillObjective:
             self.teacher_layers = sorted({i for w in self.teacher_windows for i in w})
             slot = {layer: k for k, layer in enumerate(self.teacher_layers)}
             self._window_slots = [[slot[i] for i in w] for w in self.teacher_windows]
-            self.student_capture = AttentionCapture(student_model, self.student_layers, loss_cfg.attn_chunk_size)
-            self.teacher_capture = AttentionCapture(teacher_model, self.teacher_layers, loss_cfg.attn_chunk_size)
+            self.student_capture = AttentionCapture(student_model, self.student_layers, loss_cfg.attn_chunk_size,
+                                                    loss_cfg.capture_impl)
+            self.teacher_capture = AttentionCapture(teacher_model, self.teacher_layers, loss_cfg.attn_chunk_size,
+                                                    loss_cfg.capture_impl)
 
     @staticmethod
     def _inputs(batch: dict) -> dict:
@@ -212,7 +219,9 @@ class DistillObjective:
             batch: ``input_ids [B,T]``, ``attention_mask [B,T]`` (right padding), ``labels [B,T]``
                 (unshifted, -100 ignored), ``pixel_values`` or None, ``has_image [B]``,
                 ``vis_pos [B,n]``; optional ``num_targets``: Python int, ``(labels[:, 1:] != -100).sum()``
-                (collate provides it; without it the labelled rows are counted with one host sync).
+                (collate provides it; without it the labelled rows are counted with one host sync);
+                optional ``vis_key_len``: Python int ``max(vis_pos) + 1`` (collate provides it), the
+                bound of the capture op's key loops.
             num_tokens: divisor of the token terms (global count of the step); default local count.
             num_images: divisor of the attention term; default local count of samples with an image.
 
@@ -228,18 +237,19 @@ class DistillObjective:
         if cfg.needs_teacher() and teacher_fn is None:
             raise ValueError("loss.kd_weight/attn_weight > 0 but no teacher_fn was given")
         vis_pos = batch.get("vis_pos")
+        key_len = batch.get("vis_key_len")  # host int from collate: bounds the capture op's key loops
         has_image = batch.get("has_image")
         use_attn = cfg.attn_weight > 0 and vis_pos is not None and vis_pos.shape[-1] > 0
         if use_attn and has_image is None:
             has_image = torch.ones(vis_pos.shape[0], dtype=torch.bool, device=vis_pos.device)
 
-        s_ctx = self.student_capture.record(vis_pos, has_image) if use_attn else contextlib.nullcontext()
+        s_ctx = self.student_capture.record(vis_pos, has_image, key_len) if use_attn else contextlib.nullcontext()
         with s_ctx as s_rec, self.student_hidden.record():
             student_fn(**inputs, logits_to_keep=1)  # the [B, 1, V] logits are not used
         s_h = self.student_hidden.take()  # (B, T, H_s), final norm applied
         t_h = t_rec = None
         if cfg.needs_teacher():
-            t_ctx = self.teacher_capture.record(vis_pos, has_image) if use_attn else contextlib.nullcontext()
+            t_ctx = self.teacher_capture.record(vis_pos, has_image, key_len) if use_attn else contextlib.nullcontext()
             with torch.no_grad(), t_ctx as t_rec, self.teacher_hidden.record():
                 teacher_fn(**inputs, logits_to_keep=1)
             t_h = self.teacher_hidden.take()

@@ -137,7 +137,8 @@ def add_placeholder_image(batch: dict, ph: PlaceholderImage) -> dict:
     drops it); it only makes the vision path run forward and backward on this rank too.
 
     Shapes: ``input_ids/attention_mask/labels [B,T] -> [B+1,max(T,n)]``, ``pixel_values
-    [1,3,H,W]``, ``has_image [B+1]``, ``vis_pos [B+1,n]``.
+    [1,3,H,W]``, ``has_image [B+1]``, ``vis_pos [B+1,n]``, ``vis_key_len`` for the new positions.
+    Called on the host batch (before ``to_device``).
     """
     if batch.get("pixel_values") is not None:
         return batch
@@ -161,6 +162,7 @@ def add_placeholder_image(batch: dict, ph: PlaceholderImage) -> dict:
     out["has_image"] = torch.cat([has, torch.zeros(1, dtype=torch.bool, device=ids.device)])
     pos = (row[0] == ph.image_token_id).nonzero().flatten()  # (n,) increasing
     out["vis_pos"] = pos.unsqueeze(0).expand(b + 1, -1).contiguous()
+    out["vis_key_len"] = int(pos[-1]) + 1 if pos.numel() else 0  # host batch: no device sync
     return out
 
 

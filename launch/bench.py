@@ -154,6 +154,7 @@ def make_batch(batch_size: int, seq: int, n_img: int, image_size: int, image_tok
         "has_image": torch.ones(batch_size, dtype=torch.bool, device=device),
         "vis_pos": vis_pos.to(device),
         "num_targets": int((labels[:, 1:] != -100).sum()),
+        "vis_key_len": int(vis_pos.max()) + 1,  # host int, as collate gives it
     }
 
 

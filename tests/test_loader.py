@@ -127,9 +127,10 @@ def test_collate_layout():
     assert out["labels"][0].tolist() == [-100, -100, -100, -100, 6, 7, -100, -100]
     assert out["has_image"].tolist() == [True, False, True]
     assert out["vis_pos"].tolist() == [[1, 2, 3], [0, 1, 2], [2, 3, 4]]
+    assert out["vis_key_len"] == 5 and isinstance(out["vis_key_len"], int)  # last visual position + 1
     assert torch.equal(out["pixel_values"], torch.stack([pv, pv + 1]))
     out = collate([b, b], pad_token_id=0, image_token_id=1)
-    assert out["pixel_values"] is None and out["vis_pos"].shape == (2, 0)
+    assert out["pixel_values"] is None and out["vis_pos"].shape == (2, 0) and out["vis_key_len"] == 0
     d = Encoded(torch.tensor([1, 1, 6]), torch.tensor([-100, -100, 6]), pv, "d")
     with pytest.raises(ValueError, match="different image-token counts"):
         collate([a, d], pad_token_id=0, image_token_id=1)

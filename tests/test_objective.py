@@ -98,6 +98,7 @@ def test_stage3_objective_matches_reference(pair, attn_kind):
     obj = DistillObjective(cfg, student, teacher)
     assert obj.student_layers == [1] and obj.teacher_windows == [[1, 2]]  # 4-layer student, 6-layer teacher
     batch = _batch(student)
+    batch["vis_key_len"] = int(batch["vis_pos"].max()) + 1  # as collate gives it: bounds the op's key loops
     out = obj(student, teacher, batch)
     ref = _reference(cfg, ref_s, ref_t, batch, obj.student_layers, obj.teacher_windows)
     for k in ("loss", "lm", "kd", "attn"):
@@ -169,6 +170,8 @@ def test_config_validation_and_teacher_requirement(pair):
         LossConfig(attn_weight=-1)
     with pytest.raises(ValueError, match="loss.backend"):
         LossConfig(backend="triton")
+    with pytest.raises(ValueError, match="loss.capture_impl"):
+        LossConfig(capture_impl="cuda")
     with pytest.raises(ValueError, match="loss.kd_temperature"):
         LossConfig(kd_temperature=0)
     with pytest.raises(ValueError, match="need a teacher"):

@@ -16,7 +16,9 @@ def collate(samples: list[Encoded], pad_token_id: int, image_token_id: int) -> d
     the increasing positions where ``input_ids == image_token_id`` (``n`` image tokens per image, 0
     when no sample has an image; rows of text-only samples hold ``arange(n)``) and ``num_targets``,
     a Python int: the shifted labelled positions ``(labels[:, 1:] != -100).sum()``, so the
-    objective can gather those rows without a host sync.
+    objective can gather those rows without a host sync, and ``vis_key_len``, a Python int:
+    ``max(vis_pos) + 1`` (0 without visual tokens), the last key any visual row can see, which
+    bounds the capture op's key loops (``visual_attention_probs(key_len=...)``).
     """
     if not samples:
         raise ValueError("collate: empty sample list")
@@ -54,4 +56,5 @@ def collate(samples: list[Encoded], pad_token_id: int, image_token_id: int) -> d
         "has_image": has_image,
         "vis_pos": vis_pos,
         "num_targets": sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples),
+        "vis_key_len": int(vis_pos.max()) + 1 if n else 0,
     }
