@@ -265,7 +265,7 @@ def run_variant(args) -> dict:
     vocab = PRESETS[args.preset]["vocab"]
     batch = make_batch(args.batch_size, args.seq, n_img, image_size, image_token_id, vocab, dtype, device,
                        labelled=args.labelled)
-    cfg = LossConfig(lm_weight=1.0, kd_weight=1.0,
+    cfg = LossConfig(lm_weight=1.0, kd_weight=1.0, backend=args.backend,
                      attn_weight=0.0 if args.variant in ("none", "full_logits") else 1.0)
     s_depth, t_depth = student.config.text_config.num_hidden_layers, teacher.config.text_config.num_hidden_layers
     s_layers, t_windows = match_layers(s_depth, t_depth)
@@ -428,7 +428,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--labelled", type=int, default=None,
                     help="shifted label positions per batch (default: every text token)")
-    ap.add_argument("--backend", default="auto", help="attention backend for --mode kernel")
+    ap.add_argument("--backend", default="auto", help="attention backend (loss.backend; the kernel of --mode kernel)")
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -59,12 +59,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-SECTIONS = ("versions", "parity", "op_timing", "sync_debug", "bench", "pytest")
+SECTIONS = ("versions", "parity", "op_timing", "sync_debug", "bench", "max_batch", "pytest")
 # seconds per section on the GPU; their sum exceeds --total-budget on purpose: a section gets at most
 # what is left of the total, so an early overrun shortens the later (lower-priority) sections
-BUDGETS = {"versions": 20, "parity": 50, "op_timing": 60, "sync_debug": 30, "bench": 240, "pytest": 70}
+BUDGETS = {"versions": 20, "parity": 50, "op_timing": 60, "sync_debug": 30, "bench": 240, "max_batch": 60,
+           "pytest": 70}
 # dry run: budgets are only a safety net (a loaded 2-core CI machine must not turn a slow case into a failure)
-DRY_BUDGETS = {"versions": 120, "parity": 300, "op_timing": 300, "sync_debug": 300, "bench": 600, "pytest": 300}
+DRY_BUDGETS = {"versions": 120, "parity": 300, "op_timing": 300, "sync_debug": 300, "bench": 600, "max_batch": 300,
+               "pytest": 300}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -188,6 +190,10 @@ def sec_parity(args, clock, out_dir):
     else:
         b, hq_list, t, d, n = 2, [(16, 4), (16, 16)], 1024, 128, 300
         backends = ["sdpa_flash", "sdpa_efficient"]
+        from distill.attention.kernels import flash_attn_variants
+
+        if flash_attn_variants():  # FA4 carried in (launch/gpu/README.md), or FA2/FA3 where built
+            backends.append("flash_attn")
         dtypes = [torch.float32, torch.bfloat16, torch.float16]
         layouts = [("contiguous", 1), ("images", 2), ("ragged", 1)]
     tol = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (1e-3, 3e-2), torch.float16: (1e-3, 5e-3)}
@@ -213,8 +219,8 @@ def sec_parity(args, clock, out_dir):
                 gq_ref, gk_ref = torch.autograd.grad((ref_mean * wm).sum(), (rq, rk), retain_graph=True)
                 gq_ph, gk_ph = torch.autograd.grad((ref * w).sum(), (rq, rk))
                 for backend in backends:
-                    if backend == "sdpa_flash" and dtype == torch.float32:
-                        continue  # the flash kernel has no fp32
+                    if backend in ("sdpa_flash", "flash_attn") and dtype == torch.float32:
+                        continue  # the flash kernels have no fp32
                     try:
                         _, lse = attention_with_lse(q, k, v, scale=scale, backend=backend)
                     except Exception as e:  # noqa: BLE001
@@ -475,6 +481,18 @@ def sec_bench(args, clock, out_dir):
             data = json.loads(js.read_text())
             rows += data["rows"]
             meta = meta or data["meta"]
+    from distill.attention.kernels import flash_attn_variants
+
+    if not args.dry_run and flash_attn_variants() and not clock.over():
+        # auto picked flash-attn above: one SDPA-flash point beside it (T = 2048, fused and none)
+        js = out_dir / "bench_T2048_sdpa.json"
+        cmd = [sys.executable, str(ROOT / "launch" / "bench.py"), *extra, "--variants", "fused", "none",
+               "--backend", "sdpa_flash", "--seq", "2048", "--json", str(js)]
+        rc, sec = _run(cmd, out_dir / "bench_T2048_sdpa.log", clock.left())
+        runs.append({"seq": 2048, "backend": "sdpa_flash", "rc": rc, "seconds": round(sec, 1),
+                     "command": " ".join(cmd[1:])})
+        if js.exists():
+            rows += [dict(r, variant=f"{r['variant']} (sdpa_flash)") for r in json.loads(js.read_text())["rows"]]
     if meta is not None:
         meta = dict(meta, command="gpu_check.py: " + " ; ".join(r.get("command", "") for r in runs if "command" in r))
         (out_dir / "bench_step.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -491,11 +509,38 @@ def sec_bench(args, clock, out_dir):
     return {"status": "ok" if ok else "failed", "runs": runs, "ratios": ratios, "table": table, "rows": rows}
 
 
+def sec_max_batch(args, clock, out_dir):
+    """Largest batch of the real preset's fused step that fits at T = 2048 (doubling until OOM)."""
+    if args.dry_run:
+        seq, batches = 768, [1]
+        extra = ["--preset", "tiny", "--device", "cpu", "--threads", "1"]
+    else:
+        seq, batches = 2048, [2, 4, 8, 16, 32]
+        extra = ["--preset", "real", "--device", "cuda"]
+    fits, runs = None, []
+    for bs in batches:
+        if clock.over():
+            runs.append({"batch": bs, "rc": "skipped: budget"})
+            break
+        js = out_dir / f"max_batch_B{bs}.json"
+        cmd = [sys.executable, str(ROOT / "launch" / "bench.py"), *extra, "--variants", "fused", "--steps", "1",
+               "--warmup", "1", "--batch-size", str(bs), "--seq", str(seq), "--json", str(js)]
+        rc, sec = _run(cmd, out_dir / f"max_batch_B{bs}.log", clock.left())
+        row = json.loads(js.read_text())["rows"][0] if js.exists() else {}
+        runs.append({"batch": bs, "rc": rc, "seconds": round(sec, 1), "error": row.get("error"),
+                     "peak_bytes": row.get("peak_bytes")})
+        if rc != 0 or "error" in row:
+            break
+        fits = bs
+    return {"status": "ok" if fits is not None else "failed", "seq": seq, "largest_batch": fits, "runs": runs}
+
+
 def sec_pytest(args, clock, out_dir):
     if args.dry_run:
         tests = ["tests/test_attention_op.py::test_unknown_backend"]
     else:
-        tests = ["tests/test_attention_op.py", "tests/test_capture.py", "tests/test_objective.py"]
+        tests = ["tests/test_attention_op.py", "tests/test_capture.py", "tests/test_objective.py",
+                 "tests/test_flash_detect.py", "tests/test_fused_loss.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests]
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
@@ -522,6 +567,10 @@ def targets(report: dict) -> list[dict]:
         if r["fused/none peak"] is not None:
             out.append({"target": f"T={seq}: peak memory fused/none <= 1.01", "value": round(r["fused/none peak"], 3),
                         "met": r["fused/none peak"] <= 1.01})
+        fused = next((x for x in (b or {}).get("rows", []) if x.get("seq") == seq and x.get("variant") == "fused"), None)
+        if int(seq) == 4096 and fused and fused.get("peak_bytes"):
+            gb = fused["peak_bytes"] / 1e9  # H100 baseline at commit 4d847d3: 45.0 GB
+            out.append({"target": "T=4096: real-preset peak <= 0.6 x 45.0 GB", "value": round(gb, 1), "met": gb <= 27.0})
         if r["reference/fused time"] is not None:
             out.append({"target": f"T={seq}: fused faster than reference", "value": round(r["reference/fused time"], 2),
                         "met": r["reference/fused time"] > 1.0})
@@ -529,7 +578,7 @@ def targets(report: dict) -> list[dict]:
 
 
 FUNCS = {"versions": sec_versions, "parity": sec_parity, "op_timing": sec_op_timing,
-         "sync_debug": sec_sync_debug, "bench": sec_bench, "pytest": sec_pytest}
+         "sync_debug": sec_sync_debug, "bench": sec_bench, "max_batch": sec_max_batch, "pytest": sec_pytest}
 
 
 # ----------------------------------------------------------------------------- report
@@ -578,6 +627,11 @@ def render_markdown(report: dict) -> str:
             out.append(f"| {seq} | {_fmt(r['fused/none time'], '.3f')} | {_fmt(r['fused/none peak'], '.3f')} | "
                        f"{_fmt(r['reference/fused time'], '.2f')} |")
         out += [""] + [f"- T={r['seq']}: rc {r['rc']}, {r.get('seconds', '-')} s" for r in b["runs"]]
+    mb = secs.get("max_batch", {}).get("result")
+    if mb:
+        out += ["", f"## Largest batch of the fused step at T={mb['seq']}: {mb['largest_batch']}", ""]
+        out += [f"- B={r['batch']}: rc {r['rc']}" + (f", {r['error']}" if r.get("error") else "")
+                + (f", peak {r['peak_bytes'] / 2**30:.1f} GiB" if r.get("peak_bytes") else "") for r in mb["runs"]]
     pt = secs.get("pytest", {}).get("result")
     if pt:
         out += ["", "## Tests on CUDA", "", f"`{pt['command']}`: rc {pt['rc']}, {pt['summary']}", ""]
