@@ -50,6 +50,15 @@ def _divergence(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float,
     return d * (temperature**2)
 
 
+def _check_kd_args(kind: str, temperature: float, beta: float) -> None:
+    if kind not in KD_KINDS:
+        raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+
+
 def logit_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -85,12 +94,7 @@ def logit_kd_loss(
     Returns:
         scalar fp32 tensor.
     """
-    if kind not in KD_KINDS:
-        raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    _check_kd_args(kind, temperature, beta)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if student_logits.dim() != 3 or teacher_logits.dim() != 3:
@@ -383,12 +387,7 @@ def fused_lm_kd_loss(
         and ``kd`` (divergence sum, times T^2) are sums over the counted rows, not differentiable.
         Zero counted rows give zeros (and zero gradients).
     """
-    if kind not in KD_KINDS:
-        raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    _check_kd_args(kind, temperature, beta)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if student_hidden.dim() != 2 or targets.shape != student_hidden.shape[:1]:
