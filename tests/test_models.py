@@ -68,6 +68,9 @@ def test_tiny_pair_shapes(tiny_models):
     assert teacher.config.text_config.vocab_size > len(tok) == student.config.text_config.vocab_size
     assert teacher.config.image_token_id == student.config.image_token_id == image_id
     assert student.config.text_config.num_key_value_heads == 2
+    # realistic: the teacher is wider and deeper than the student
+    assert teacher.config.text_config.hidden_size == 96 > student.config.text_config.hidden_size == 64
+    assert teacher.config.text_config.num_hidden_layers > student.config.text_config.num_hidden_layers
     with torch.no_grad():
         assert teacher(**batch).logits.shape[-1] == teacher.config.text_config.vocab_size
         assert student(**batch).logits.shape[-1] == len(tok)

@@ -6,9 +6,12 @@ config, and a ``LlavaProcessor`` with a SigLIP image processor, a byte-level BPE
 trained on the spot and a ChatML chat template). Nothing is downloaded.
 
 Both models share the SigLIP vision config (48x48 images, 6x6 patches -> 64 image tokens)
-and the tokenizer. The teacher is Qwen2-style (6 layers, 8 heads, hidden 64) with its
+and the tokenizer. The teacher is Qwen2-style (6 layers, 8 heads, hidden 96) with its
 vocabulary padded up to a multiple of 64 (extra rows only); the student is LLaMA-style
-(4 layers, 4 query heads, 2 KV heads, hidden 64) with the exact tokenizer vocabulary.
+(4 layers, 4 query heads, 2 KV heads, hidden 64) with the exact tokenizer vocabulary. As in
+real pairs the teacher is wider and deeper than the student, so the teacher-adapter-fetched
+projector has no stock fold and ``distill.export`` takes its exact custom-projector path
+(``--teacher-hidden 64`` gives the old equal-width pair, whose export is stock).
 """
 
 from __future__ import annotations
@@ -241,8 +244,8 @@ class TinyPair:
     student: Path
 
 
-TEACHER_HIDDEN = 64
-"""Default teacher text width of :func:`build_tiny_pair` (the student's is 64)."""
+TEACHER_HIDDEN = 96
+"""Default teacher text width of :func:`build_tiny_pair`: wider than the student's 64, like real pairs."""
 
 
 def build_tiny_pair(out_dir: str | os.PathLike, seed: int = 0, teacher_hidden: int | None = None) -> TinyPair:
