@@ -161,17 +161,25 @@ def test_objective_equals_old_full_logits_objective(pair, kind, temp, beta):
 
 
 class _Largest(TorchDispatchMode):
-    """Largest tensor (numel) any op returns while active."""
+    """Largest tensor (numel) any op returns while active, and the most rows of any tensor whose
+    last dimension is at least ``vocab`` (logits-like: rows x vocabulary), leaving out the
+    ``[H, V]`` transposes of the lm_head weights (``weight_rows``: the hidden sizes)."""
 
-    def __init__(self):
+    def __init__(self, vocab: int, weight_rows=()):
         super().__init__()
+        self.vocab = vocab
+        self.weight_rows = set(weight_rows)
         self.largest = 0
+        self.vocab_rows = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                rows = t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else 0
+                if t.dim() and t.shape[-1] >= self.vocab and not (t.dim() == 2 and rows in self.weight_rows):
+                    self.vocab_rows = max(self.vocab_rows, rows)
         return out
 
 
@@ -185,10 +193,16 @@ def test_objective_forms_no_full_logits(pair):
     batch = _batch(student0)
     b, t = batch["input_ids"].shape
     v_t = teacher.config.text_config.vocab_size
-    with _Largest() as mode:
+    v_s = student.config.text_config.vocab_size
+    hidden = {student.config.text_config.hidden_size, teacher.config.text_config.hidden_size}
+    n_rows = int((batch["labels"][:, 1:] != -100).sum())
+    assert n_rows > chunk and n_rows not in hidden
+    with _Largest(min(v_s, v_t), weight_rows=hidden) as mode:
         obj(student, teacher, batch)["loss"].backward()
-    # the biggest: a vision/attention intermediate or one chunk of logits, far below B*T*V
-    assert mode.largest < b * t * v_t // 4, (mode.largest, b * t * v_t)
+    # vocabulary-wide tensors hold one chunk of rows (or the B rows of logits_to_keep=1), never the
+    # labelled rows at once, let alone B*T; nothing reaches B*T*V
+    assert 0 < mode.vocab_rows <= max(chunk, b) < n_rows, (mode.vocab_rows, chunk, n_rows)
+    assert mode.largest < b * t * v_t // 2, (mode.largest, b * t * v_t)
 
 
 def test_num_targets_count_is_checked(pair):

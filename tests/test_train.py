@@ -83,21 +83,31 @@ def test_stages_chain_and_export_a_stock_hf_student(chain, tmp_path):
     assert (ck / "latest").read_text() == "step00000004"
     assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step00000002", "step00000004"]
 
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
     from distill.export import export_student
 
-    out = tmp_path / "hf"
-    export_student(root / "stage3" / "final", out)
-    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
-    assert type(model.model.multi_modal_projector).__module__.startswith("transformers.")
-    cfg = model.config
-    n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-    ids = torch.cat([torch.full((1, n), cfg.image_token_id), torch.arange(10, 20)[None]], 1)
-    px = torch.zeros(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
-    with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=px).logits
-    assert torch.isfinite(logits).all()
+    # the teacher is wider than the student: the exact export ships its projector class (auto_map),
+    # the --stock export fits a stock-shaped projector on the training shards' images
+    exact, stock = tmp_path / "hf", tmp_path / "hf_stock"
+    export_student(root / "stage3" / "final", exact)
+    export_student(root / "stage3" / "final", stock, stock=True, fit_shards=[root / "synth" / "instruct" / "shards"],
+                   fit_steps=50)
+    models = [AutoModelForImageTextToText.from_pretrained(exact, dtype=torch.float32, trust_remote_code=True),
+              LlavaForConditionalGeneration.from_pretrained(stock, dtype=torch.float32)]
+    assert type(models[1].model.multi_modal_projector).__module__.startswith("transformers.")
+    outs = []
+    for model in models:
+        cfg = model.eval().config
+        n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+        ids = torch.cat([torch.full((1, n), cfg.image_token_id), torch.arange(10, 20)[None]], 1)
+        px = torch.zeros(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+        with torch.no_grad():
+            outs.append(model(input_ids=ids, pixel_values=px).logits)
+        assert torch.isfinite(outs[-1]).all()
+    report = json.loads((stock / "distill_export.json").read_text())
+    assert report["export"] == "stock-fit" and json.loads((exact / "distill_export.json").read_text())["export"] == "custom"
+    assert (outs[0] - outs[1]).abs().max() < 0.1  # the fit is close on the tiny pair
 
 
 def _stage3_cmd(root, paths, out):
