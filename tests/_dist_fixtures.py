@@ -29,3 +29,12 @@ def make_inputs(root: Path, tiny) -> dict:
     }
     (root / "paths.json").write_text(json.dumps(paths))
     return paths
+
+
+def metrics(path: Path) -> dict:
+    """``metrics.jsonl`` as step -> record; a resumed run re-logs steps, the last record wins."""
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec
+    return out

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from _dist_fixtures import REPO, make_inputs
+from _dist_fixtures import REPO, make_inputs, metrics as _metrics
 import _launch
 
 STANDINS = Path(__file__).resolve().parent / "slurm_standins"
@@ -48,15 +48,6 @@ TERMS = ("loss", "lm", "kd", "attn")
 STEPS = 2
 JOB_TIMEOUT = 240  # s; a hang (a node waiting for a dead peer) would sit at the 30 min rendezvous timeout
 _ids = count(1)
-
-
-def _metrics(path):
-    """step -> record; a resumed run re-logs steps, the last record of a step wins."""
-    out = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec
-    return out
 
 
 class Job:

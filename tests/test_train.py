@@ -8,20 +8,11 @@ import math
 import pytest
 import torch
 
-from _dist_fixtures import REPO, make_inputs
+from _dist_fixtures import REPO, make_inputs, metrics as _metrics
 import _launch
 
 RANKS = 2
 TERMS = ("loss", "lm", "kd", "attn")
-
-
-def _metrics(path):
-    """step -> record; a resumed run re-logs steps, the last record of a step wins."""
-    out = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec
-    return out
 
 
 def _logs(root):
