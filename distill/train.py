@@ -295,13 +295,31 @@ def _say(rank: int, msg: str):
 # ------------------------------------------------------------------------------------ the loop
 
 
+def build_stage_engines(cfg: TrainConfig, dist_info, use_teacher: bool = True):
+    """The stage's DeepSpeed engines: the student from ``model.student`` (adapter fetch as
+    configured, trainable parts by config) and, with ``use_teacher``, the frozen ZeRO-3 teacher."""
+    from distill import engine as E
+    from distill.models import build_student, build_teacher
+
+    mcfg, dtype = cfg.model, cfg.model.torch_dtype
+    return E.build_engines(
+        cfg, dist_info,
+        make_student=lambda: build_student(mcfg.student, teacher_path=mcfg.teacher,
+                                           adapter_fetch=mcfg.adapter_fetch, dtype=dtype),
+        student_hidden=text_hidden_size(mcfg.student),
+        make_teacher=(lambda: build_teacher(mcfg.teacher, dtype=dtype)) if use_teacher else None,
+        teacher_hidden=text_hidden_size(mcfg.teacher) if use_teacher else None,
+        select_trainable=lambda m: select_trainable(m, mcfg),
+    )
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one stage; returns a summary dict (rank 0 has the full one)."""
     from distill import engine as E
     from distill.attention import right_padded
     from distill.checkpoint import CheckpointManager
     from distill.data import build_loader
-    from distill.models import build_student, build_teacher, load_processor, save_student_checkpoint
+    from distill.models import load_processor, save_student_checkpoint
     from distill.objective import DistillObjective
 
     # ---- setup ----------------------------------------------------------------------------
@@ -328,15 +346,7 @@ def train(cfg: TrainConfig) -> dict:
     if failed:
         raise ConfigError("; ".join(f"[rank {r}] {m}" for r, m in failed))
 
-    engines = E.build_engines(
-        cfg, dist_info,
-        make_student=lambda: build_student(mcfg.student, teacher_path=mcfg.teacher,
-                                           adapter_fetch=mcfg.adapter_fetch, dtype=dtype),
-        student_hidden=text_hidden_size(mcfg.student),
-        make_teacher=(lambda: build_teacher(mcfg.teacher, dtype=dtype)) if use_teacher else None,
-        teacher_hidden=text_hidden_size(mcfg.teacher) if use_teacher else None,
-        select_trainable=lambda m: select_trainable(m, mcfg),
-    )
+    engines = build_stage_engines(cfg, dist_info, use_teacher)
     objective = DistillObjective(cfg.loss, engines.student_model, engines.teacher_model)
     # distill.data collates right-padded batches (placeholder rows too): say so, so the attention
     # mask function needs no host sync to find it out on every forward

@@ -159,13 +159,7 @@ def mode_attn(paths, out: Path, rank: int) -> dict:
                                                  "deepspeed.grad_accum=1", "run.steps=8"])
     d = E.init_distributed()
     m = cfg.model
-    eng = E.build_engines(cfg, d,
-                          make_student=lambda: build_student(m.student, teacher_path=m.teacher,
-                                                             adapter_fetch=m.adapter_fetch, dtype=m.torch_dtype),
-                          student_hidden=T.text_hidden_size(m.student),
-                          make_teacher=lambda: build_teacher(m.teacher, dtype=m.torch_dtype),
-                          teacher_hidden=T.text_hidden_size(m.teacher),
-                          select_trainable=lambda mod: T.select_trainable(mod, m))
+    eng = T.build_stage_engines(cfg, d)
     obj = DistillObjective(cfg.loss, eng.student_model, eng.teacher_model)
     proc = load_processor(m.student)
     batch = next(iter(build_loader(cfg.data, proc, rank=rank, world_size=d.world_size, seed=0)))
