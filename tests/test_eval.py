@@ -375,3 +375,290 @@ def test_student_checkpoint_scores_like_its_export(tiny_models, tmp_path):
         assert not m.training
         scores.append(score_captions(m, proc, imgs, caps))
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# A/B protocol (the reference's SugarCrepe protocol) and the released SugarCrepe layout
+# ----------------------------------------------------------------------------------------------
+SUGARCREPE_CATEGORIES = ["add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj"]
+
+
+def _write_sugarcrepe(root: Path, per_category: int = 2, missing: int = 1) -> dict:
+    """The released SugarCrepe layout, generated: one ``<category>.json`` per category, each
+    ``{id: {filename, caption, negative_caption}}``, COCO-style file names under ``root/val2017``
+    (images drawn here with PIL: no COCO pixels). The first `missing` records of ``swap_obj``
+    name images that are not written. Returns {category: [(filename, caption, negative), ...]}."""
+    img_dir = root / "val2017"
+    img_dir.mkdir(parents=True)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+    made: dict[str, list] = {}
+    n = 0
+    for c, cat in enumerate(SUGARCREPE_CATEGORIES):
+        recs, rows = {}, []
+        for i in range(per_category):
+            n += 1
+            name = f"{139 + 1000 * n:012d}.jpg"
+            a, b = colours[(c + i) % 8], colours[(c + i + 3) % 8]
+            pos, neg = f"A {a} square above a {b} circle.", f"A {b} square above a {a} circle ({cat} {i})."
+            recs[str(i)] = {"filename": name, "caption": pos, "negative_caption": neg}
+            rows.append((name, pos, neg))
+            if not (cat == "swap_obj" and i < missing):
+                Image.new("RGB", (40 + 4 * i, 32), (30 * c, 200 - 20 * i, 90)).save(img_dir / name, quality=90)
+        (root / f"{cat}.json").write_text(json.dumps(recs, indent=1))
+        made[cat] = rows
+    return made
+
+
+def test_sugarcrepe_released_layout_generated_fixture(tmp_path, caplog):
+    made = _write_sugarcrepe(tmp_path / "sugarcrepe", per_category=2, missing=1)
+    root = tmp_path / "sugarcrepe"
+    with caplog.at_level("WARNING", logger="distill.eval.compositional"):
+        samples = load_compositional([str(root)], image_root=root / "val2017")
+    # 7 categories x 2 records, one missing image skipped, counted and logged (never silent)
+    assert len(samples) == 13 and samples.skipped == ["swap_obj/0"]
+    assert any("skipping 1 of 14" in r.getMessage() and "swap_obj/0" in r.getMessage() for r in caplog.records)
+    by_id = {s.id: s for s in samples}
+    assert sorted({s.negatives[0][1] for s in samples}) == SUGARCREPE_CATEGORIES  # category = file stem
+    for cat, rows in made.items():
+        for i, (name, pos, neg) in enumerate(rows):
+            if (cat, i) == ("swap_obj", 0):
+                assert f"{cat}/{i}" not in by_id
+                continue
+            s = by_id[f"{cat}/{i}"]
+            assert (s.positive, s.negatives) == (pos, [(neg, cat)])
+            assert Path(s.image.path).name == name and s.image.load().size == (40 + 4 * i, 32)
+    # --limit counts kept samples; strict mode fails on the missing file
+    assert len(load_compositional([str(root)], root / "val2017", limit=13)) == 13
+    with pytest.raises(EvalDataError, match="--images"):
+        load_compositional([str(root / "swap_obj.json")], root / "val2017", missing_images="error")
+    # every image missing: a clear error naming the option, not an empty evaluation
+    with pytest.raises(EvalDataError, match=r"none of the images of the 14 .*--image-root"):
+        load_compositional([str(root)], image_root=tmp_path)
+
+
+def _ab_sample(i, cats, pos="p"):
+    return CompoSample(id=str(i), image=ImageRef(path="x"), positive=pos,
+                       negatives=[(f"n{i}{j}", c) for j, c in enumerate(cats)])
+
+
+def test_ab_accuracy_swap_averaging_ties_and_categories():
+    from distill.eval import ab_accuracy, pair_score
+
+    # [pos as A: (A, B)], [pos as B: (A, B)]
+    right, wrong, tie = (0.0, -1.0), (-1.0, 0.0), (-0.5, -0.5)
+    # always "A": right when the positive is A, wrong when it is B -> exactly 0.5
+    assert pair_score(right, right) == 0.5
+    assert pair_score(right, wrong) == 1.0 and pair_score(wrong, right) == 0.0
+    assert pair_score(tie, tie) == 0.5 and pair_score(right, tie) == 0.75 and pair_score(tie, right) == 0.25
+    samples = [_ab_sample(0, ["a"]), _ab_sample(1, ["a"]), _ab_sample(2, ["b"]), _ab_sample(3, ["a", "b", "b"])]
+    scores = [
+        [[right, wrong]],                 # a: 1
+        [[right, right]],                 # a: 0.5 (always A)
+        [[tie, tie]],                     # b: 0.5 (ties)
+        [[right, wrong], [right, tie], [wrong, right]],  # a: 1; b: mean(0.75, 0) = 0.375; overall min = 0
+    ]
+    r = ab_accuracy(samples, [torch.tensor(s) for s in scores])
+    assert r["overall"] == {"hits": 2.0, "total": 4, "accuracy": 0.5}
+    assert r["per_category"]["a"] == {"hits": 2.5, "total": 3, "accuracy": pytest.approx(2.5 / 3)}
+    assert r["per_category"]["b"] == {"hits": 0.875, "total": 2, "accuracy": 0.4375}
+    with pytest.raises(ValueError, match="expected \\(3, 2, 2\\)"):
+        ab_accuracy(samples[3:], [torch.zeros(1, 2, 2)])
+    with pytest.raises(ValueError, match="non-finite"):
+        ab_accuracy(samples[:1], [torch.tensor([[[float("nan"), 0.0], [0.0, 0.0]]])])
+
+
+def test_ab_question_and_letter_ids_from_tokenizer(student):
+    from distill.eval import DEFAULT_AB_PROMPT, ab_question, letter_token_ids
+    from distill.eval.common import render_chat, user_turn
+
+    _, proc = student
+    q = ab_question(DEFAULT_AB_PROMPT, "a {B} red square", "a blue circle")  # braces in a caption stay
+    assert q == "Which caption describes the image?\nA. a {B} red square\nB. a blue circle\nAnswer with the letter."
+    a_id, b_id = letter_token_ids(proc)
+    tok = proc.tokenizer
+    assert tok.decode([a_id]) == "A" and tok.decode([b_id]) == "B"
+    prefix = render_chat(proc, [user_turn(q)], add_generation_prompt=True)
+    assert tok(prefix + "B", add_special_tokens=False)["input_ids"][-1] == b_id
+    with pytest.raises(EvalDataError, match=r"\{A\} exactly once"):
+        ab_question("Pick: {A} or {A}", "x", "y")
+    with pytest.raises(EvalDataError, match=r"\{B\} exactly once"):
+        ab_question("Pick: {A} or {b}", "x", "y")
+
+
+def test_score_letters_equals_plain_forward_and_is_batch_invariant(student, tmp_path):
+    from distill.eval import DEFAULT_AB_PROMPT, ab_question, letter_token_ids, score_letters
+    from distill.eval.common import render_chat, user_turn
+
+    model, proc = student
+    imgs = [Image.open(p).convert("RGB") for p in _images(tmp_path, 3)]
+    qs = [ab_question(DEFAULT_AB_PROMPT, "a red square", "a blue circle"),
+          ab_question(DEFAULT_AB_PROMPT, "two green stars to the left of a yellow triangle", "a red square"),
+          ab_question(DEFAULT_AB_PROMPT, "purple", "grey")]
+    ids = letter_token_ids(proc)
+    batched = score_letters(model, proc, imgs, qs, ids, batch_size=3)
+    single = score_letters(model, proc, imgs, qs, ids, batch_size=1)
+    assert batched.shape == (3, 2) and bool((batched < 0).all())
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+    for b in range(3):  # reference: full logits of one unpadded prompt, last position
+        text = render_chat(proc, [user_turn(qs[b])], add_generation_prompt=True)
+        enc = proc(images=[imgs[b]], text=[text], add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            ref = model(**enc).logits[0, -1].float().log_softmax(-1)[list(ids)]
+        torch.testing.assert_close(batched[b], ref, rtol=1e-5, atol=1e-5)
+
+
+class _LetterPolicy:
+    """Forward hook on the real tiny model: reads the two options back from each prompt's tokens and
+    overwrites the next-token logits of "A" and "B" with what `policy(caption_a, caption_b)` says,
+    so the whole A/B path (prompts, order swap, batching, token ids, accounting) runs for real
+    with answers the test controls. Records every (caption_a, caption_b) it was asked."""
+
+    def __init__(self, model, proc, policy):
+        from distill.eval import letter_token_ids
+
+        self.proc, self.policy, self.asked = proc, policy, []
+        self.ids = letter_token_ids(proc)
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        import re
+
+        texts = self.proc.tokenizer.batch_decode(kwargs["input_ids"], skip_special_tokens=True)
+        for b, text in enumerate(texts):
+            m = re.search(r"\nA\. (.*)\nB\. (.*)\nAnswer with the letter\.", text)
+            assert m, text
+            self.asked.append((m.group(1), m.group(2)))
+            la, lb = self.policy(m.group(1), m.group(2))
+            output.logits[b, :, self.ids[0]] = la
+            output.logits[b, :, self.ids[1]] = lb
+        return output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_ab_protocol_on_sugarcrepe_fixture_with_controlled_answers(student, tmp_path):
+    from distill.eval import evaluate_compositional_ab
+
+    model, proc = student
+    root = tmp_path / "sc"
+    _write_sugarcrepe(root, per_category=2, missing=0)
+    samples = load_compositional([str(root)], image_root=root / "val2017")
+    positives = {s.positive for s in samples}
+    cat_of = {s.negatives[0][0]: s.negatives[0][1] for s in samples}
+    assert len(samples) == 14
+
+    def run(policy, batch_size=4):
+        with _LetterPolicy(model, proc, policy) as hook:
+            res, per = evaluate_compositional_ab(model, proc, samples, batch_size=batch_size, progress=False)
+        return res, per, hook.asked
+
+    # always "A": exactly 50 % everywhere, and every pair was asked in both orders
+    res, per, asked = run(lambda a, b: (10.0, -10.0))
+    assert len(asked) == 28
+    assert sorted(asked) == sorted([(s.positive, s.negatives[0][0]) for s in samples]
+                                   + [(s.negatives[0][0], s.positive) for s in samples])
+    assert res["overall"] == {"hits": 7.0, "total": 14, "accuracy": 0.5}
+    assert all(e == {"hits": 1.0, "total": 2, "accuracy": 0.5} for e in res["per_category"].values())
+    assert [p["score"] for p in per] == [0.5] * 14
+    from distill.eval import letter_token_ids
+
+    assert res["letter_token_ids"] == dict(zip("AB", letter_token_ids(proc)))
+    # oracle / anti-oracle: 100 % / 0 %; equal letter logits (ties): 50 %
+    res, _, _ = run(lambda a, b: (1.0, 0.0) if a in positives else (0.0, 1.0), batch_size=3)
+    assert res["overall"]["accuracy"] == 1.0
+    res, _, _ = run(lambda a, b: (0.0, 1.0) if a in positives else (1.0, 0.0))
+    assert res["overall"]["accuracy"] == 0.0
+    res, per, _ = run(lambda a, b: (3.0, 3.0))
+    assert res["overall"]["accuracy"] == 0.5 and all(p["pairs"][0]["pos_first"][0] == p["pairs"][0]["pos_first"][1] for p in per)
+
+    # per category: oracle on swap_*, anti-oracle on add_*, else right when the positive is A and a
+    # tie when it is B (0.75 per pair: averaging with a tie)
+    def mixed(a, b):
+        neg = b if a in positives else a
+        cat = cat_of[neg]
+        if cat.startswith("swap"):
+            return (1.0, 0.0) if a in positives else (0.0, 1.0)
+        if cat.startswith("add"):
+            return (0.0, 1.0) if a in positives else (1.0, 0.0)
+        return (1.0, 0.0) if a in positives else (2.0, 2.0)
+
+    res, per, _ = run(mixed, batch_size=5)
+    want = {"add_att": 0.0, "add_obj": 0.0, "replace_att": 0.75, "replace_obj": 0.75, "replace_rel": 0.75,
+            "swap_att": 1.0, "swap_obj": 1.0}
+    assert {c: e["accuracy"] for c, e in res["per_category"].items()} == want
+    assert res["overall"]["hits"] == pytest.approx(2 * (3 * 0.75 + 2)) and res["overall"]["total"] == 14
+
+
+def test_ab_multi_negative_sample_overall_is_worst_pair(student, tmp_path):
+    """Synthetic-style samples (several negatives, several categories): per category each pair counts,
+    overall is the sample's worst pair."""
+    from distill.eval import evaluate_compositional_ab
+
+    model, proc = student
+    p = _images(tmp_path, 1)[0]
+    smp = CompoSample(id="m", image=ImageRef(path=str(p)), positive="a red square",
+                      negatives=[("a blue square", "replace_att"), ("a square red", "swap_att")])
+
+    def policy(a, b):  # right on replace_att in both orders; always "A" on swap_att
+        if "blue" in a + b:
+            return (1.0, 0.0) if a == "a red square" else (0.0, 1.0)
+        return (1.0, 0.0)
+
+    with _LetterPolicy(model, proc, policy):
+        res, per = evaluate_compositional_ab(model, proc, [smp], batch_size=3, progress=False)
+    assert res["per_category"]["replace_att"]["accuracy"] == 1.0
+    assert res["per_category"]["swap_att"]["accuracy"] == 0.5
+    assert res["overall"]["accuracy"] == 0.5 and per[0]["score"] == 0.5
+    assert [q["score"] for q in per[0]["pairs"]] == [1.0, 0.5]
+
+
+def test_cli_compositional_ab_protocol_records_protocol(tiny_models, tmp_path, capsys, synth):
+    from distill.eval.__main__ import main
+
+    root = tmp_path / "sc"
+    _write_sugarcrepe(root, per_category=1, missing=1)
+    out = tmp_path / "out"
+    args = ["compositional", "--model", str(tiny_models.student), "--data", str(root),
+            "--image-root", str(root / "val2017"), "--batch-size", "4", "--out", str(out), "--no-progress"]
+    res = main(args + ["--protocol", "ab"])
+    printed = capsys.readouterr().out
+    assert "A/B accuracy (%)" in printed and "| swap_att | 1 |" in printed and "**overall** | 6 |" in printed
+    saved = json.loads((out / "compositional_ab.json").read_text())
+    assert saved["protocol"] == "ab" and saved["overall"] == res["overall"]
+    assert saved["skipped_missing_images"] == 1 and saved["evaluated"] == 6 and "swap_obj" not in saved["per_category"]
+    assert "{A}" in saved["prompt"] and set(saved["letter_token_ids"]) == {"A", "B"}
+    rows = [json.loads(line) for line in (out / "compositional_ab_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and sum(r["score"] for r in rows) == pytest.approx(saved["overall"]["hits"])
+    assert all(r["score"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in rows)
+    # the default protocol is likelihood, written beside it under its own name
+    lik = main(args)
+    assert lik["protocol"] == "likelihood" and json.loads((out / "compositional.json").read_text())["protocol"] == "likelihood"
+    assert (out / "compositional_ab.json").exists()
+    # the project's synthetic format under --protocol ab (several negatives per sample)
+    syn = main(["compositional", "--model", str(tiny_models.student), "--data", str(synth / "compositional" / "shards"),
+                "--protocol", "ab", "--limit", "2", "--no-progress"])
+    assert syn["overall"]["total"] == 2
+    assert set(syn["per_category"]) == {"swap_att", "swap_obj", "replace_rel", "replace_att"}
+    with pytest.raises(SystemExit, match=r"\{A\} exactly once"):
+        main(args + ["--protocol", "ab", "--prompt", "Which one?"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's setting as a config
+# ----------------------------------------------------------------------------------------------
+def test_paper_config_matches_reference_layers():
+    from distill.config import load_config
+    from distill.losses import match_layers
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "launch" / "configs" / "qwen_pair_stage3_paper.yaml", [], stage=3, check_paths=False)
+    loss = cfg.loss
+    assert (loss.lm_weight, loss.kd_weight, loss.attn_weight) == (1.0, 1.0, 1.0)
+    # Qwen1.5-1.8B has 24 text layers, Qwen1.5-4B 40
+    s_layers, windows = match_layers(24, 40, loss.student_layers, loss.teacher_layers, loss.num_layers, loss.window)
+    assert s_layers == list(range(8, 15))
+    assert windows == [list(range(start, start + 5)) for start in range(13, 20)]

@@ -1,8 +1,15 @@
 """``python -m distill.eval {compositional,vqa}``: evaluate a LLaVA-style model folder.
 
 Results are printed as a markdown table and, with ``--out DIR``, written to
-``DIR/<task>.json`` (accuracies), ``DIR/<task>.md`` (the table) and ``DIR/<task>_samples.jsonl``
-(per-sample scores or answers).
+``DIR/<stem>.json`` (accuracies), ``DIR/<stem>.md`` (the table) and ``DIR/<stem>_samples.jsonl``
+(per-sample scores or answers); the stem is the task (``compositional``, ``vqa``), and
+``compositional_ab`` for ``compositional --protocol ab``, so both protocols can share one folder.
+
+Compositional protocols (``--protocol``):
+  likelihood (default)  rank the captions by mean token log-likelihood given the image
+  ab                    the reference's protocol: an A/B question asked twice with the two
+                        captions' order swapped, scored by the letters' next-token
+                        log-probabilities; a tie counts 0.5 for that ordering (distill/eval/ab.py)
 """
 
 from __future__ import annotations
@@ -12,16 +19,19 @@ import json
 import sys
 from pathlib import Path
 
+from distill.eval.ab import DEFAULT_AB_PROMPT
 from distill.eval.common import DEFAULT_CAPTION_PROMPT, EvalDataError, parse_dtype, write_results
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF LLaVA folder (stock or exported student)")
     p.add_argument("--data", required=True, nargs="+", help="data files, folders, globs or {a..b} shard ranges")
-    p.add_argument("--images", default=None, help="image root (default: the data file's folder)")
+    p.add_argument("--images", "--image-root", dest="images", default=None,
+                   help="image root (default: the data file's folder)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    p.add_argument("--out", default=None, help="folder for <task>.json, <task>.md, <task>_samples.jsonl")
+    p.add_argument("--out", default=None, help="folder for <stem>.json, <stem>.md, <stem>_samples.jsonl "
+                   "(stem: the task; compositional_ab for --protocol ab)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -33,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="task", required=True)
     c = sub.add_parser("compositional", help="caption ranking: positive vs hard negatives (SugarCrepe / synthetic)")
     _common(c)
-    c.add_argument("--prompt", default=DEFAULT_CAPTION_PROMPT, help="instruction in the user turn")
+    c.add_argument("--protocol", choices=("likelihood", "ab"), default="likelihood",
+                   help="likelihood: caption ranking by mean token log-likelihood (default); "
+                        "ab: A/B question asked twice, order swapped (the reference's protocol)")
+    c.add_argument("--prompt", default=None,
+                   help=f"user-turn text; likelihood: the instruction (default {DEFAULT_CAPTION_PROMPT!r}); "
+                        f"ab: a template holding {{A}} and {{B}} once each (default {DEFAULT_AB_PROMPT!r})")
     v = sub.add_parser("vqa", help="greedy answers, normalised exact match")
     _common(v)
     v.add_argument("--answers", default=None, help="reference answers for a LLaVA question file (JSONL or JSON)")
@@ -54,12 +69,20 @@ def main(argv: list[str] | None = None) -> dict:
         from distill.eval.compositional import markdown_table
 
         if args.task == "compositional":
+            from distill.eval.ab import check_ab_prompt, evaluate_compositional_ab
             from distill.eval.compositional import evaluate_compositional, load_compositional
 
+            ab = args.protocol == "ab"
+            prompt = args.prompt if args.prompt is not None else (DEFAULT_AB_PROMPT if ab else DEFAULT_CAPTION_PROMPT)
+            if ab:
+                check_ab_prompt(prompt)
             samples = load_compositional(args.data, args.images, limit=args.limit)
             model, processor = load_model_and_processor(args.model, parse_dtype(args.dtype), args.device)
-            results, per_sample = evaluate_compositional(model, processor, samples, batch_size=args.batch_size,
-                                                         prompt=args.prompt, progress=not args.no_progress)
+            evaluate = evaluate_compositional_ab if ab else evaluate_compositional
+            results, per_sample = evaluate(model, processor, samples, batch_size=args.batch_size,
+                                           prompt=prompt, progress=not args.no_progress)
+            results = {"protocol": args.protocol, "prompt": prompt, **results,
+                       "evaluated": len(samples), "skipped_missing_images": len(getattr(samples, "skipped", ()))}
         else:
             from distill.eval.vqa import evaluate_vqa, load_vqa
 
@@ -71,11 +94,16 @@ def main(argv: list[str] | None = None) -> dict:
     except (EvalDataError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     results = {"task": args.task, "model": str(args.model), "data": [str(d) for d in args.data], **results}
-    table = markdown_table(results, "accuracy (%)" if args.task == "compositional" else "exact match (%)")
+    if args.task == "compositional":
+        title = "A/B accuracy (%)" if args.protocol == "ab" else "accuracy (%)"
+        stem = "compositional_ab" if args.protocol == "ab" else "compositional"
+    else:
+        title, stem = "exact match (%)", "vqa"
+    table = markdown_table(results, title)
     print(table)
-    write_results(args.out, args.task, results, table)
+    write_results(args.out, stem, results, table)
     if args.out is not None:
-        with open(Path(args.out) / f"{args.task}_samples.jsonl", "w") as f:
+        with open(Path(args.out) / f"{stem}_samples.jsonl", "w") as f:
             for row in per_sample:
                 f.write(json.dumps(row) + "\n")
     return results

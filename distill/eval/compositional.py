@@ -1,5 +1,8 @@
 """Compositional caption ranking (SugarCrepe-style): does the model prefer the true caption?
 
+This module is the ``likelihood`` protocol (the default of ``python -m distill.eval compositional``)
+and the readers; the reference's A/B question protocol (``--protocol ab``) is `distill.eval.ab`.
+
 Every caption of a sample (the positive and each hard negative) is scored by the model's mean token
 log-likelihood given the image (`distill.eval.scoring.score_captions`). Accounting:
 
@@ -14,7 +17,11 @@ Input layouts (`load_compositional`):
 
 - SugarCrepe: one JSON file per category (``swap_att.json`` ...), a dict keyed by id whose values
   hold ``filename`` (image, relative to ``--images``), ``caption`` (positive) and ``negative_caption``;
-  the category is the file name without ``.json``. Pass files or the folder holding them.
+  the category is the file name without ``.json``. Pass files or the folder holding them (the
+  released layout: ``add_att.json``, ``add_obj.json``, ``replace_att.json``, ``replace_obj.json``,
+  ``replace_rel.json``, ``swap_att.json``, ``swap_obj.json``, images from COCO val2017 under
+  ``--images`` / ``--image-root``). Records whose image file is missing are skipped, counted and
+  logged (`load_compositional`).
 - our synthetic split (``python -m data_prep synth``): records
   ``{"id", "image", "positive", "negatives": [{"caption", "category"}, ...]}`` as a JSON list,
   JSONL, or WebDataset shards (``<key>.json`` record + ``<key>.<ext>`` image bytes per sample);
@@ -24,6 +31,7 @@ Input layouts (`load_compositional`):
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -41,6 +49,8 @@ from distill.eval.common import (
     read_json_or_jsonl,
     resolve_image,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,20 +153,59 @@ def detect_layout(path: Path) -> str:
     )
 
 
+class CompoSamples(list):
+    """The samples `load_compositional` returns (a list), with ``skipped``: ids of the records left
+    out because their image file does not exist."""
+
+    def __init__(self, items=(), skipped=()):
+        super().__init__(items)
+        self.skipped: list[str] = list(skipped)
+
+
+def _image_missing(smp: CompoSample) -> bool:
+    return smp.image.data is None and smp.image.path is not None and not os.path.isfile(smp.image.path)
+
+
 def load_compositional(data: Sequence[str] | str, image_root: str | os.PathLike | None = None,
-                       limit: int | None = None) -> list[CompoSample]:
-    """Load samples from any mix of SugarCrepe files and synthetic files/shards (see module doc)."""
+                       limit: int | None = None, missing_images: str = "skip") -> CompoSamples:
+    """Load samples from any mix of SugarCrepe files and synthetic files/shards (see module doc).
+
+    Records whose image file does not exist are left out with ``missing_images="skip"`` (the
+    default): they are counted (``.skipped`` of the result) and logged as a warning naming the first
+    one, never dropped silently; when no record has its image the load fails with an error naming
+    the image root option. ``missing_images="error"`` fails on the first missing file. `limit`
+    counts the samples kept.
+    """
+    if missing_images not in ("skip", "error"):
+        raise ValueError(f"missing_images must be 'skip' or 'error', got {missing_images!r}")
     if isinstance(data, (str, os.PathLike)):
         data = [data]
     samples: list[CompoSample] = []
+    skipped: list[CompoSample] = []
     for p in expand_paths(data):
         loader = load_sugarcrepe if detect_layout(p) == "sugarcrepe" else load_synthetic
-        samples.extend(loader([p], image_root))
+        for smp in loader([p], image_root):
+            if _image_missing(smp):
+                if missing_images == "error":
+                    smp.image.load()  # raises the error naming the file and --images
+                skipped.append(smp)
+            else:
+                samples.append(smp)
         if limit is not None and len(samples) >= limit:
             break
+    if skipped:
+        first = skipped[0]
+        if not samples:
+            raise EvalDataError(
+                f"none of the images of the {len(skipped)} compositional records exist (first: "
+                f"{first.image.path!r}, record {first.id!r}); pass the folder that holds them with "
+                "--images / --image-root ROOT"
+            )
+        log.warning("skipping %d of %d compositional records whose image file does not exist (first: %r, record %r)",
+                    len(skipped), len(skipped) + len(samples), first.image.path, first.id)
     if not samples:
         raise EvalDataError(f"no compositional samples found in {list(data)}")
-    return samples[:limit] if limit is not None else samples
+    return CompoSamples(samples[:limit] if limit is not None else samples, [s.id for s in skipped])
 
 
 # ----------------------------------------------------------------------------------------------
