@@ -50,6 +50,8 @@ import sys
 import time
 from pathlib import Path
 
+from distill.models.tiny import REAL
+
 PRESETS = {
     # CPU-sized: a few layers of realistic width ratios; 729 image tokens like a 384-px SigLIP.
     "tiny": dict(
@@ -65,13 +67,9 @@ PRESETS = {
         vision=dict(hidden=64, layers=1, heads=2, inter=128, image=54, patch=2),
         vocab=151936,
     ),
-    # Qwen1.5-1.8B-class student, Qwen1.5-4B-class teacher, SigLIP-so400m/14 at 384 px.
-    "real": dict(
-        student=dict(family="qwen2", hidden=2048, layers=24, heads=16, kv_heads=16, inter=5504),
-        teacher=dict(family="qwen2", hidden=2560, layers=40, heads=20, kv_heads=20, inter=6912),
-        vision=dict(hidden=1152, layers=27, heads=16, inter=4304, image=384, patch=14),
-        vocab=151936,
-    ),
+    # Qwen1.5-1.8B-class student, Qwen1.5-4B-class teacher, SigLIP-so400m/14 at 384 px: the shapes
+    # of ``python -m distill.models.tiny --preset real`` (one definition, in distill.models.tiny).
+    "real": REAL,
 }
 VARIANTS = ("reference", "fused", "none")  # "full_logits" on request (--variants)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

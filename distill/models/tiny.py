@@ -12,6 +12,15 @@ vocabulary padded up to a multiple of 64 (extra rows only); the student is LLaMA
 real pairs the teacher is wider and deeper than the student, so the teacher-adapter-fetched
 projector has no stock fold and ``distill.export`` takes its exact custom-projector path
 (``--teacher-hidden 64`` gives the old equal-width pair, whose export is stock).
+
+``--preset real`` writes the same kind of pair at real shapes with random weights, in bf16: a
+Qwen1.5-1.8B-class student (hidden 2048, 24 layers, 16 heads), a Qwen1.5-4B-class teacher
+(hidden 2560, 40 layers, 20 heads), both with Qwen's 151,936-row vocabulary, sharing a
+SigLIP-so400m/14 tower at 384 px (729 image tokens). The tokenizer is the same offline BPE (its
+ids are a prefix of the vocabulary; the other rows are padding, as in Qwen's own checkpoints).
+About 13 GB on disk; build it where the weights are meant to live (``--device cuda`` initialises
+on the GPU, which takes seconds instead of minutes). These are the shapes ``launch/bench.py
+--preset real`` uses and ``launch/gpu_e2e.py`` trains.
 """
 
 from __future__ import annotations
@@ -126,16 +135,16 @@ def build_tokenizer(vocab_size: int = 1200):
     return fast
 
 
-def build_processor(tokenizer):
-    """``LlavaProcessor`` = SigLIP (PIL backend) image processor at 48x48 + ``tokenizer``."""
+def build_processor(tokenizer, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE):
+    """``LlavaProcessor`` = SigLIP (PIL backend) image processor at ``image_size`` + ``tokenizer``."""
     from transformers import LlavaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="full",
         num_additional_image_tokens=0,
         chat_template=CHAT_TEMPLATE,
@@ -143,16 +152,18 @@ def build_processor(tokenizer):
     )
 
 
-def vision_config():
+def vision_config(spec: dict | None = None):
+    """The tiny SigLIP tower, or the one described by ``spec`` (a :data:`REAL` ``"vision"`` entry)."""
     from transformers import SiglipVisionConfig
 
+    v = spec or dict(hidden=32, inter=64, layers=2, heads=2, image=IMAGE_SIZE, patch=PATCH_SIZE)
     return SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        hidden_size=v["hidden"],
+        intermediate_size=v["inter"],
+        num_hidden_layers=v["layers"],
+        num_attention_heads=v["heads"],
+        image_size=v["image"],
+        patch_size=v["patch"],
         num_channels=3,
     )
 
@@ -161,11 +172,12 @@ def llava_config(text_config, tokenizer, vision=None, **overrides):
     """A LLaVA config around ``text_config`` with the tiny SigLIP tower and ``tokenizer``'s ids."""
     from transformers import LlavaConfig
 
+    vision = vision if vision is not None else vision_config()
     kwargs = dict(
-        vision_config=vision if vision is not None else vision_config(),
+        vision_config=vision,
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=NUM_IMAGE_TOKENS,
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
         projector_hidden_act="gelu",
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
@@ -218,20 +230,31 @@ def student_text_config(tokenizer, hidden_size: int = 64, num_layers: int = 4):
     )
 
 
-def save_model(config, processor, out_dir: str | os.PathLike, seed: int) -> Path:
-    """Initialise ``LlavaForConditionalGeneration(config)`` from ``seed`` and save it + processor."""
+def save_model(config, processor, out_dir: str | os.PathLike, seed: int,
+               dtype: torch.dtype | None = None, device: str = "cpu") -> Path:
+    """Initialise ``LlavaForConditionalGeneration(config)`` from ``seed`` and save it + processor.
+
+    ``dtype``: build (and save) the weights in this dtype (default float32); ``device``: where to
+    initialise them (the folder is the same; a GPU only makes large models quick to build)."""
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(old)
     model.generation_config = GenerationConfig(
         eos_token_id=processor.tokenizer.eos_token_id,
         pad_token_id=processor.tokenizer.pad_token_id,
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    del model
     return out
 
 
@@ -268,17 +291,72 @@ def build_tiny_pair(out_dir: str | os.PathLike, seed: int = 0, teacher_hidden: i
     return TinyPair(root=root, teacher=teacher, student=student)
 
 
+REAL = dict(
+    # Qwen1.5-1.8B-class student, Qwen1.5-4B-class teacher (Qwen1.5 is Qwen2's architecture),
+    # SigLIP-so400m/14 at 384 px (27 x 27 = 729 image tokens), Qwen's vocabulary rows.
+    student=dict(family="qwen2", hidden=2048, layers=24, heads=16, kv_heads=16, inter=5504),
+    teacher=dict(family="qwen2", hidden=2560, layers=40, heads=20, kv_heads=20, inter=6912),
+    vision=dict(hidden=1152, layers=27, heads=16, inter=4304, image=384, patch=14),
+    vocab=151936,
+)
+"""The real shapes (``--preset real``; ``launch/bench.py --preset real`` builds the same models)."""
+
+
+def real_text_config(spec: dict, tokenizer, vocab_size: int):
+    """A text config of :data:`REAL`'s ``student``/``teacher`` shape with ``tokenizer``'s ids."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec["family"]]
+    common = _text_common(tokenizer, vocab_size)
+    common["max_position_embeddings"] = 32768
+    return cls(hidden_size=spec["hidden"], num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+               num_key_value_heads=spec["kv_heads"], head_dim=spec["hidden"] // spec["heads"],
+               intermediate_size=spec["inter"], **common)
+
+
+def real_configs(tokenizer=None):
+    """``(processor, student LlavaConfig, teacher LlavaConfig)`` of the real preset (no weights)."""
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    v = REAL["vision"]
+    processor = build_processor(tokenizer, image_size=v["image"], patch_size=v["patch"])
+    tokenizer.model_max_length = 32768
+    vision = vision_config(v)
+    configs = [llava_config(real_text_config(REAL[role], tokenizer, REAL["vocab"]), tokenizer, vision)
+               for role in ("student", "teacher")]
+    return processor, configs[0], configs[1]
+
+
+def build_real_pair(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu") -> TinyPair:
+    """Write the real-shape pair (random weights, bf16; ~13 GB) to ``out_dir/{teacher,student}``."""
+    root = Path(out_dir)
+    processor, s_cfg, t_cfg = real_configs()
+    teacher = save_model(t_cfg, processor, root / "teacher", seed, dtype=torch.bfloat16, device=device)
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    student = save_model(s_cfg, processor, root / "student", seed + 1, dtype=torch.bfloat16, device=device)
+    return TinyPair(root=root, teacher=teacher, student=student)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m distill.models.tiny",
-        description="Write a tiny offline LLaVA teacher/student pair (DIR/teacher, DIR/student).",
+        description="Write an offline LLaVA teacher/student pair (DIR/teacher, DIR/student): tiny, or real shapes.",
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="weight-initialisation seed")
     parser.add_argument("--teacher-hidden", type=int, default=None,
                         help=f"teacher text hidden size (default {TEACHER_HIDDEN}; the student's is 64)")
+    parser.add_argument("--preset", choices=("tiny", "real"), default="tiny",
+                        help="tiny (default; seconds, a few MB) or real (1.8B/4B-class pair with a SigLIP-so400m "
+                             "tower, random bf16 weights, ~13 GB)")
+    parser.add_argument("--device", default="cpu", help="real preset: where to initialise the weights (cuda: fast)")
     args = parser.parse_args(argv)
-    pair = build_tiny_pair(args.out, seed=args.seed, teacher_hidden=args.teacher_hidden)
+    if args.preset == "real":
+        if args.teacher_hidden is not None:
+            parser.error("--teacher-hidden applies to the tiny preset only")
+        pair = build_real_pair(args.out, seed=args.seed, device=args.device)
+    else:
+        pair = build_tiny_pair(args.out, seed=args.seed, teacher_hidden=args.teacher_hidden)
     print(f"teacher: {pair.teacher}\nstudent: {pair.student}")
 
 
