@@ -49,7 +49,7 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from distill.attention.kernels import _check_backend, _expand_kv, attention_with_lse
+from distill.attention.kernels import attention_with_lse, check_backend, expand_kv
 from distill.attention.visual import IMPLS, visual_attention_probs
 
 __all__ = ["AttentionCapture", "Recording", "install", "right_padded", "text_decoder_layers", "implementation_name"]
@@ -60,7 +60,7 @@ _PREFIX = "distill_"
 
 def implementation_name(backend: str) -> str:
     """The name registered with transformers for ``backend`` (``"auto"`` included)."""
-    _check_backend(backend)
+    check_backend(backend)
     return _PREFIX + backend
 
 
@@ -152,7 +152,7 @@ def _fused_mask(
 def _masked_sdpa(module, query, key, value, mask, scaling):
     """General path: explicit boolean mask [B|1, 1, Tq, Tk] through PyTorch SDPA."""
     groups = query.shape[1] // key.shape[1]
-    key, value = _expand_kv(key, groups), _expand_kv(value, groups)
+    key, value = expand_kv(key, groups), expand_kv(value, groups)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask > -1  # additive float mask: 0 keeps, large negative drops
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)

@@ -46,7 +46,7 @@ import torch
 
 BACKENDS = ("flash_attn", "sdpa_flash", "sdpa_efficient", "cpu_flash", "eager")
 
-__all__ = ["BACKENDS", "attention_with_lse", "flash_attn_variants", "resolve_backend"]
+__all__ = ["BACKENDS", "attention_with_lse", "check_backend", "expand_kv", "flash_attn_variants", "resolve_backend"]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,8 @@ def _flash_variant(device: torch.device, dtype: torch.dtype, head_dim: int | Non
     return None, "; ".join(why) + "; use loss.backend=sdpa_flash or auto"
 
 
-def _check_backend(backend: str) -> None:
+def check_backend(backend: str) -> None:
+    """Raise ValueError unless ``backend`` is ``auto`` or one of :data:`BACKENDS`."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {('auto',) + BACKENDS}")
 
@@ -132,7 +133,7 @@ def _check_backend(backend: str) -> None:
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
     """Pick a concrete backend name for tensors on ``device`` with ``dtype`` (and ``head_dim``,
     when known: flash-attn's limits depend on it)."""
-    _check_backend(backend)
+    check_backend(backend)
     if backend != "auto":
         if backend == "cpu_flash" and device.type != "cpu":
             raise ValueError(f"backend 'cpu_flash' needs CPU tensors, got device {device}")
@@ -154,7 +155,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head
     return "eager"
 
 
-def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, Hk, T, D] -> [B, Hk*groups, T, D] (each KV head repeated for its query group)."""
     if groups == 1:
         return x
@@ -162,19 +163,24 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, hk, groups, t, d).reshape(b, hk * groups, t, d)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError unless q [B,Hq,T,D], k/v [B,Hk,T,D] with Hk dividing Hq."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B,H,T,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
-    return q.shape[1] // k.shape[1]
+
+
+def _query_heads(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v expanded to q's heads, for the backends without native GQA (all but flash_attn)."""
+    groups = q.shape[1] // k.shape[1]
+    return expand_kv(k, groups), expand_kv(v, groups)
 
 
 def _eager(q, k, v, scale, causal):
-    groups = q.shape[1] // k.shape[1]
-    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+    k, v = _query_heads(q, k, v)
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
     if causal:
         tq, tk = s.shape[-2:]
@@ -187,22 +193,19 @@ def _eager(q, k, v, scale, causal):
 
 
 def _cpu_flash(q, k, v, scale, causal):
-    groups = q.shape[1] // k.shape[1]
-    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+    k, v = _query_heads(q, k, v)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     return out.transpose(1, 2), lse  # lse (B, H, T), non-contiguous: caller makes it contiguous
 
 
 def _sdpa_flash(q, k, v, scale, causal):
-    groups = q.shape[1] // k.shape[1]
-    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+    k, v = _query_heads(q, k, v)
     res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     return res[0].transpose(1, 2), res[1]
 
 
 def _sdpa_efficient(q, k, v, scale, causal):
-    groups = q.shape[1] // k.shape[1]
-    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+    k, v = _query_heads(q, k, v)
     res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
     t = q.shape[2]
     return res[0].transpose(1, 2), res[1][..., :t]  # LSE is padded to a multiple of 32
