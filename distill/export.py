@@ -41,11 +41,11 @@ from pathlib import Path
 
 import torch
 
-from distill.models.build import _projector_home, load_student_checkpoint
+from distill.models.build import projector_home, load_student_checkpoint
 from distill.models.loading import (
     ModelConfigError,
-    _dtype,
-    _folder,
+    as_torch_dtype,
+    model_folder,
     has_wide_projector,
     is_student_checkpoint,
     load_llava_config,
@@ -148,7 +148,7 @@ def _split(n: int) -> tuple[list[int], list[int]]:
 @torch.no_grad()
 def vision_features(model, processor, images: list, device, batch: int = 8) -> list[torch.Tensor]:
     """Per image, the projector's input rows ``[P, V]`` (fp32, CPU), via a hook on the projector."""
-    proj = _projector_home(model).multi_modal_projector
+    proj = projector_home(model).multi_modal_projector
     got: list[torch.Tensor] = []
 
     def hook(_m, inputs, _out):
@@ -178,7 +178,7 @@ def compare_logits(model, exact_proj, fit_proj, processor, images: list, device,
     mean absolute logit, mean KL(exact || fitted), top-1 agreement; plus the share of images whose
     greedy ``new_tokens``-token answer is identical.
     """
-    home = _projector_home(model)
+    home = projector_home(model)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": FIT_PROMPT}]}]
     prompt = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     image_id = int(model.config.image_token_id)
@@ -230,7 +230,7 @@ def _fit_stock(model, processor, images: list, device, steps: int, lr: float, se
             "it to training shards (data_prep output) or a folder of images."
         )
     cfg = model.config
-    home = _projector_home(model)
+    home = projector_home(model)
     exact_proj = home.multi_modal_projector
     exact = _projector_tensors(exact_proj)
     feats = vision_features(model, processor, images, device)
@@ -282,13 +282,13 @@ def export_student(
     ``export`` ("stock" | "custom" | "stock-fit"), ``exact`` and, for a fit, its numbers.
     Returns ``Path(out_dir)``.
     """
-    src = _folder(checkpoint_dir, "checkpoint")
+    src = model_folder(checkpoint_dir, "checkpoint")
     out = Path(out_dir).expanduser()
     if out.resolve() == src.resolve():
         raise ModelConfigError(f"export: --out {str(out)!r} is the checkpoint folder itself; choose a new folder.")
     if is_student_checkpoint(out):
         raise ModelConfigError(f"export: {str(out)!r} holds a student checkpoint; refusing to overwrite it. Choose a new folder.")
-    target = _dtype(dtype) if dtype is not None else _stored_dtype(src)
+    target = as_torch_dtype(dtype) if dtype is not None else _stored_dtype(src)
     processor = load_processor(src, "checkpoint")
     if is_student_checkpoint(src):
         model = load_student_checkpoint(src, dtype=torch.float32, adapter_fetch=False)

@@ -4,8 +4,19 @@ See docs/INTERFACES.md ("Models"). All user-facing failures raise :class:`ModelC
 """
 
 from .build import build_student, build_teacher, load_student_checkpoint, save_student_checkpoint
-from .loading import ModelConfigError, check_pair, has_wide_projector, is_student_checkpoint, load_processor, load_vlm
+from .loading import (
+    ModelConfigError,
+    check_pair,
+    has_wide_projector,
+    image_token_id,
+    is_student_checkpoint,
+    load_processor,
+    load_vlm,
+    text_hidden_size,
+    unwrap_model,
+)
 from .projector import FetchedProjector, fold_projector, fold_projector_exact
+from .trainable import merge_lora_state_dict, select_trainable
 
 __all__ = [
     "FetchedProjector",
@@ -16,9 +27,14 @@ __all__ = [
     "fold_projector",
     "fold_projector_exact",
     "has_wide_projector",
+    "image_token_id",
     "is_student_checkpoint",
     "load_processor",
     "load_student_checkpoint",
     "load_vlm",
+    "merge_lora_state_dict",
     "save_student_checkpoint",
+    "select_trainable",
+    "text_hidden_size",
+    "unwrap_model",
 ]

@@ -18,14 +18,15 @@ from torch import nn
 from .loading import (
     CHECKPOINT_META,
     ModelConfigError,
-    _dtype,
-    _folder,
+    as_torch_dtype,
+    model_folder,
     check_fetch_shapes,
     check_pair,
     has_wide_projector,
     is_student_checkpoint,
     load_llava_config,
     load_vlm,
+    unwrap_model,
     vision_feature_width,
     weight_files,
 )
@@ -88,9 +89,9 @@ def _write(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = ""
             p.copy_(t.to(device=p.device, dtype=p.dtype))
 
 
-def _projector_home(model) -> nn.Module:
+def projector_home(model) -> nn.Module:
     """The module that owns ``multi_modal_projector`` (``LlavaModel`` inside the LM head wrapper)."""
-    model = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    model = unwrap_model(model)
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "multi_modal_projector"):
         return inner
@@ -107,7 +108,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def _install_fetched(model, spec: dict, weights: dict, dtype: torch.dtype, init_adapter: bool) -> FetchedProjector:
     """Replace the student's projector by a ``FetchedProjector`` holding ``weights``."""
-    home = _projector_home(model)
+    home = projector_home(model)
     proj = _new_module(
         lambda: FetchedProjector(spec["in_features"], spec["teacher_hidden"], spec["student_hidden"], spec["act"], spec["bias"]),
         home.multi_modal_projector, dtype)
@@ -134,7 +135,7 @@ def _install_folded(model, spec: dict, weights: dict, dtype: torch.dtype) -> nn.
 
     from .modeling_distill_llava import DistillLlavaMultiModalProjector
 
-    cfg = getattr(model, "module", model).config
+    cfg = unwrap_model(model).config
     cfg.projector_hidden_act = spec["act"]
     if spec["teacher_hidden"] > spec["student_hidden"]:
         folded = fold_projector_exact(weights)
@@ -146,7 +147,7 @@ def _install_folded(model, spec: dict, weights: dict, dtype: torch.dtype) -> nn.
             del cfg.projector_intermediate_size
         factory = lambda: LlavaMultiModalProjector(cfg)  # noqa: E731
     cfg.multimodal_projector_bias = "linear_1.bias" in folded
-    home = _projector_home(model)
+    home = projector_home(model)
     proj = _new_module(factory, home.multi_modal_projector, dtype)
     _write(proj, folded)
     home.multi_modal_projector = proj
@@ -206,8 +207,8 @@ def build_student(
     All errors (bad folder, incompatible pair, teacher projector missing or misshapen) are
     :class:`ModelConfigError` raised before any weights of the student are loaded.
     """
-    dtype = _dtype(dtype)
-    p = _folder(path, "student")
+    dtype = as_torch_dtype(dtype)
+    p = model_folder(path, "student")
     if teacher_path is not None:
         check_pair(p, teacher_path, adapter_fetch=adapter_fetch and not is_student_checkpoint(p))
     if is_student_checkpoint(p):
@@ -262,8 +263,8 @@ def save_student_checkpoint(out_dir: str | os.PathLike, model, processor, state_
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    module = getattr(model, "module", model)
-    proj = _projector_home(module).multi_modal_projector
+    module = unwrap_model(model)
+    proj = projector_home(module).multi_modal_projector
     projector = {"kind": "fetched", **proj.spec()} if isinstance(proj, FetchedProjector) else {"kind": "stock"}
     if state_dict is None:
         state_dict = module.state_dict()
@@ -319,8 +320,8 @@ def load_student_checkpoint(
     into a ``DistillLlavaMultiModalProjector`` of inner width ``Ht`` (exact either way). Returns the model in
     ``train()`` mode with the teacher-projector copy frozen.
     """
-    dtype = _dtype(dtype)
-    p = _folder(path, "checkpoint")
+    dtype = as_torch_dtype(dtype)
+    p = model_folder(path, "checkpoint")
     if not is_student_checkpoint(p):
         raise ModelConfigError(
             f"{str(p)!r} is not a student checkpoint (no {CHECKPOINT_META}); use build_student / load_vlm "

@@ -20,7 +20,7 @@ class ModelConfigError(ValueError):
     """A model folder or a teacher/student pair cannot be used; the message says how to fix it."""
 
 
-def _folder(path: str | os.PathLike, role: str = "model") -> Path:
+def model_folder(path: str | os.PathLike, role: str = "model") -> Path:
     """``path`` as a ``Path`` after checking it is a folder holding ``config.json``."""
     if path is None:
         raise ModelConfigError(f"No {role} folder given: pass the path of a Hugging Face LLaVA folder.")
@@ -45,7 +45,7 @@ def load_llava_config(path: str | os.PathLike, role: str = "model"):
     """Read and validate the ``LlavaConfig`` of a folder (no weights are read)."""
     from transformers import AutoConfig, LlavaConfig
 
-    p = _folder(path, role)
+    p = model_folder(path, role)
     try:
         raw = json.loads((p / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -73,7 +73,7 @@ def load_llava_config(path: str | os.PathLike, role: str = "model"):
 
 def weight_files(path: str | os.PathLike, role: str = "model") -> list[Path]:
     """The ``*.safetensors`` weight files of a folder (sharded or single), checked to exist."""
-    p = _folder(path, role)
+    p = model_folder(path, role)
     index = p / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -101,7 +101,7 @@ def is_student_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / CHECKPOINT_META).is_file()
 
 
-def _dtype(dtype) -> torch.dtype:
+def as_torch_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -109,6 +109,31 @@ def _dtype(dtype) -> torch.dtype:
     if dtype not in names:
         raise ModelConfigError(f"Unknown dtype {dtype!r}; use one of {sorted(names)} or a torch.dtype.")
     return names[dtype]
+
+
+def unwrap_model(model):
+    """The ``nn.Module`` inside any DeepSpeed engine wrapping (engines keep it in ``.module``)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def image_token_id(cfg, where: str = "model config") -> int:
+    """The id that marks image positions in ``input_ids`` (``image_token_id``, or the older
+    ``image_token_index``) of a LLaVA config object."""
+    tid = getattr(cfg, "image_token_id", None)
+    if tid is None:
+        tid = getattr(cfg, "image_token_index", None)
+    if tid is None:
+        raise ModelConfigError(f"{where} has no image_token_id; is this a LLaVA-style model?")
+    return int(tid)
+
+
+def text_hidden_size(path: str | os.PathLike) -> int:
+    """Hidden size of a LLaVA folder's language model (config only, no weights)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(path).get_text_config().hidden_size)
 
 
 def load_vlm(path: str | os.PathLike, dtype=torch.float32, attn_implementation: str | None = None, role: str = "model"):
@@ -126,7 +151,7 @@ def load_vlm(path: str | os.PathLike, dtype=torch.float32, attn_implementation: 
 
     cfg = load_llava_config(path, role)
     weight_files(path, role)
-    kwargs = {"dtype": _dtype(dtype)}
+    kwargs = {"dtype": as_torch_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     cls = LlavaForConditionalGeneration
@@ -145,7 +170,7 @@ def load_processor(path: str | os.PathLike, role: str = "model"):
     """``AutoProcessor`` of a folder (image processor + tokenizer + chat template), validated."""
     from transformers import AutoProcessor
 
-    p = _folder(path, role)
+    p = model_folder(path, role)
     try:
         proc = AutoProcessor.from_pretrained(p)
     except Exception as exc:
@@ -239,7 +264,7 @@ def check_pair(student_path: str | os.PathLike, teacher_path: str | os.PathLike,
     ``image_token_id``, ``student_vocab_rows``, ``teacher_vocab_rows``).
     Raises :class:`ModelConfigError` naming the mismatch and the fix.
     """
-    sp, tp = _folder(student_path, "student"), _folder(teacher_path, "teacher")
+    sp, tp = model_folder(student_path, "student"), model_folder(teacher_path, "teacher")
     scfg, tcfg = load_llava_config(sp, "student"), load_llava_config(tp, "teacher")
     pair = f"student {str(sp)!r} / teacher {str(tp)!r}"
 

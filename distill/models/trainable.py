@@ -1,0 +1,54 @@
+"""What trains in the student (``model.*`` keys) and folding LoRA back into plain weights."""
+from __future__ import annotations
+
+import torch
+
+from .loading import ModelConfigError
+
+__all__ = ["select_trainable", "merge_lora_state_dict"]
+
+
+def select_trainable(model: torch.nn.Module, mcfg) -> None:
+    """Set ``requires_grad`` by config: projector path, LLM (full / LoRA / frozen), vision tower."""
+    model.requires_grad_(False)
+    inner = model.model
+    proj = inner.multi_modal_projector
+    if mcfg.train_projector:
+        # with adapter fetch only the adapter trains; the teacher's projector copy stays frozen
+        (proj.adapter if hasattr(proj, "adapter") else proj).requires_grad_(True)
+    if mcfg.train_vision:
+        inner.vision_tower.requires_grad_(True)
+    if mcfg.llm == "full":
+        inner.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    elif mcfg.llm == "lora":
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as e:
+            raise ModelConfigError("model.llm: 'lora' needs the peft package (pip install peft)") from e
+        lcfg = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
+                          target_modules=list(mcfg.lora_target_modules), bias="none")
+        inject_adapter_in_model(lcfg, inner.language_model)
+        for n, p in inner.language_model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+    if mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def merge_lora_state_dict(sd: dict, scaling: float) -> dict:
+    """Fold LoRA factors into their base weights: ``W + scaling * B @ A`` (fp32 math), and
+    rename ``x.base_layer.weight`` -> ``x.weight``; the result is a plain model state dict."""
+    out = {}
+    for k, v in sd.items():
+        if ".lora_A." in k or ".lora_B." in k:
+            continue
+        if ".base_layer." in k:
+            prefix, _, suffix = k.partition(".base_layer.")
+            if suffix == "weight":
+                a = next(sd[x] for x in sd if x.startswith(prefix + ".lora_A.") and x.endswith("weight"))
+                b = next(sd[x] for x in sd if x.startswith(prefix + ".lora_B.") and x.endswith("weight"))
+                v = (v.float() + scaling * (b.float() @ a.float())).to(v.dtype)
+            k = f"{prefix}.{suffix}"
+        out[k] = v
+    return out
