@@ -1,9 +1,12 @@
-"""Training configuration: small grouped dataclasses, YAML loading, dotted CLI overrides.
+"""Training configuration: the five sections (run, model, data, loss, deepspeed) as small
+dataclasses, YAML loading, dotted CLI overrides, one validation pass.
 
 A stage is a config. ``load_config(yaml_path, ["deepspeed.lr=2e-5", ...], stage=3)`` returns a
-validated :class:`TrainConfig`; every error (unknown key, wrong type, missing path, a stage that
-needs a teacher without one) is a :class:`ConfigError` naming the dotted key, raised before any
-model or process group is touched.
+validated :class:`TrainConfig`. Validation is one pass that collects every problem (unknown keys,
+wrong types, bad values, missing paths, a stage that needs a teacher without one) and raises one
+:class:`ConfigError`, a line per problem, each starting with the dotted key, before any model or
+process group is touched. A section built directly (``LossConfig(kd_kind="kl")``) checks itself in
+``__post_init__`` and raises the same way.
 
 Paths in a YAML file resolve relative to that file's folder (never the working directory); paths
 given on the command line resolve relative to the working directory, like any CLI argument.
@@ -19,10 +22,16 @@ from typing import Any
 
 import yaml
 
+from distill.attention import BACKENDS, VISUAL_IMPLS
+from distill.losses import ATTN_KINDS, KD_KINDS
+
 __all__ = [
     "ConfigError",
+    "DataConfigError",
     "RunConfig",
     "ModelConfig",
+    "DataConfig",
+    "LossConfig",
     "DeepSpeedConfig",
     "TrainConfig",
     "load_config",
@@ -38,17 +47,23 @@ TEACHER_STAGES = (1, 3)
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; the message starts with the dotted key."""
+    """A bad configuration value; each line of the message starts with the dotted key."""
+
+
+class DataConfigError(ConfigError):
+    """The data configuration cannot be served (shards, lengths, batch counts), found when the
+    loader is built: a user's fix, not a bug."""
+
+
+def _check(problems: list[str]) -> None:
+    """Raise one ConfigError holding every problem (a line each), if there is any."""
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def _path(default=None, **kw):
     """A dataclass field holding a filesystem path (resolved relative to the YAML folder)."""
     return field(default=default, metadata={"path": True, **kw})
-
-
-def _not_path(default):
-    """A field whose name looks like a path (``*_file``, ...) but is not resolved (see ``_is_path_field``)."""
-    return field(default=default, metadata={"path": False})
 
 
 @dataclass
@@ -69,7 +84,7 @@ class RunConfig:
     """Synchronise and log metrics every N optimizer steps (the only host syncs of the loop)."""
     max_nonfinite_in_row: int = 5
     """Abort when more than this many optimizer steps in a row had a non-finite loss/gradient."""
-    metrics_file: str = _not_path("metrics.jsonl")
+    metrics_file: str = "metrics.jsonl"
     """Metrics JSONL file name, relative to output_dir."""
     tensorboard: bool = False
     """Also write TensorBoard scalars to ``output_dir/tb`` (needs the ``tensorboard`` package)."""
@@ -77,22 +92,20 @@ class RunConfig:
     """Show a tqdm bar on rank 0."""
 
     def __post_init__(self):
-        for k in ("steps", "log_every"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"run.{k}: must be >= 1, got {getattr(self, k)}")
-        for k in ("save_every", "max_nonfinite_in_row"):
-            if getattr(self, k) < 0:
-                raise ConfigError(f"run.{k}: must be >= 0, got {getattr(self, k)}")
-        if self.keep_last < 1:
-            raise ConfigError(f"run.keep_last: must be >= 1, got {self.keep_last}")
+        _check(self.problems())
+
+    def problems(self) -> list[str]:
+        out = [f"run.{k}: must be >= 1, got {getattr(self, k)}"
+               for k in ("steps", "log_every", "keep_last") if getattr(self, k) < 1]
+        out += [f"run.{k}: must be >= 0, got {getattr(self, k)}"
+                for k in ("save_every", "max_nonfinite_in_row") if getattr(self, k) < 0]
         if self.tensorboard:
             import importlib.util
 
             if importlib.util.find_spec("tensorboard") is None:
-                raise ConfigError(
-                    "run.tensorboard: true needs the tensorboard package; "
-                    "pip install tensorboard, or set run.tensorboard=false"
-                )
+                out.append("run.tensorboard: true needs the tensorboard package; "
+                           "pip install tensorboard, or set run.tensorboard=false")
+        return out
 
 
 @dataclass
@@ -124,12 +137,17 @@ class ModelConfig:
     """Non-reentrant activation checkpointing of the student's decoder layers."""
 
     def __post_init__(self):
+        _check(self.problems())
+
+    def problems(self) -> list[str]:
+        out = []
         if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ConfigError(f"model.dtype: must be bfloat16|float16|float32, got {self.dtype!r}")
+            out.append(f"model.dtype: must be bfloat16|float16|float32, got {self.dtype!r}")
         if self.llm not in ("full", "lora", "frozen"):
-            raise ConfigError(f"model.llm: must be full|lora|frozen, got {self.llm!r}")
+            out.append(f"model.llm: must be full|lora|frozen, got {self.llm!r}")
         if self.llm == "lora" and self.lora_r < 1:
-            raise ConfigError(f"model.lora_r: must be >= 1, got {self.lora_r}")
+            out.append(f"model.lora_r: must be >= 1, got {self.lora_r}")
+        return out
 
     @property
     def torch_dtype(self):
@@ -165,28 +183,172 @@ class DeepSpeedConfig:
     """Process-group timeout in minutes."""
 
     def __post_init__(self):
+        _check(self.problems())
+
+    def problems(self) -> list[str]:
+        out = []
         if self.zero_stage not in (2, 3):
-            raise ConfigError(f"deepspeed.zero_stage: must be 2 or 3, got {self.zero_stage}")
+            out.append(f"deepspeed.zero_stage: must be 2 or 3, got {self.zero_stage}")
         if self.grad_accum < 1:
-            raise ConfigError(f"deepspeed.grad_accum: must be >= 1, got {self.grad_accum}")
+            out.append(f"deepspeed.grad_accum: must be >= 1, got {self.grad_accum}")
         if self.lr <= 0:
-            raise ConfigError(f"deepspeed.lr: must be > 0, got {self.lr}")
+            out.append(f"deepspeed.lr: must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("deepspeed.warmup_steps/grad_clip/weight_decay: must be >= 0")
+            out.append("deepspeed.warmup_steps/grad_clip/weight_decay: must be >= 0")
         if len(self.betas) != 2:
-            raise ConfigError(f"deepspeed.betas: must be two floats, got {self.betas}")
+            out.append(f"deepspeed.betas: must be two floats, got {self.betas}")
+        return out
 
 
-def _data_config_cls():
-    from distill.data import DataConfig
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list, metadata={"path": True})
+    """Shard sources: directories holding ``manifest.json`` (from ``python -m data_prep``), manifest
+    files, ``.tar`` paths or brace patterns (``/data/shard-{000000..000127}.tar``). A single string
+    is accepted. Per-shard sample counts come from the manifest next to the shards when present."""
+    batch_size: int = 8
+    """Micro-batch size per rank."""
+    max_length: int = 2048
+    """Maximum tokens per sample (image tokens included). Longer samples are cut after their image
+    tokens; a sample whose image tokens would be cut is dropped and counted (``image_truncated``).
+    ``build_loader`` refuses a value that cannot hold even the shortest image sample (the
+    processor's image tokens + the chat template + one answer token), before any model loads."""
+    shuffle_buffer: int = 1000
+    """Samples held in each reader's shuffle buffer (0 or 1 = no sample shuffling; shard order is
+    still shuffled per epoch)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = read in the training process)."""
+    resampled: bool = False
+    """Draw shards with replacement (infinite stream cut to ``samples_per_epoch``); use for multi-node
+    runs and for shard counts smaller than ``world_size * max(1, num_workers)``."""
+    samples_per_epoch: int | None = None
+    """Samples per epoch *per rank*. Required when resampled or when shard counts are unknown (no
+    manifest); default = manifest total // world_size. Batches per epoch = this // batch_size."""
+    seed: int = 0
+    """Data order seed (``build_loader(seed=...)`` overrides it when given)."""
+    drop_text_only: bool = False
+    """Skip samples without an image (counted as ``text_only_dropped``)."""
+    prefetch_factor: int = 2
+    """Batches prefetched per worker (ignored when ``num_workers == 0``)."""
 
-    return DataConfig
+    def __post_init__(self) -> None:
+        if isinstance(self.shards, str):
+            self.shards = [self.shards]
+        _check(self.problems())
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.shards:
+            out.append("data.shards: give at least one shard directory, manifest, .tar path or brace pattern")
+        checks = {
+            "batch_size": self.batch_size >= 1,
+            "max_length": self.max_length >= 2,
+            "shuffle_buffer": self.shuffle_buffer >= 0,
+            "num_workers": self.num_workers >= 0,
+            "prefetch_factor": self.prefetch_factor >= 1,
+        }
+        out += [f"data.{key}: invalid value {getattr(self, key)!r}" for key, ok in checks.items() if not ok]
+        if self.samples_per_epoch is not None and self.samples_per_epoch < self.batch_size:
+            out.append(f"data.samples_per_epoch ({self.samples_per_epoch}) is smaller than data.batch_size "
+                       f"({self.batch_size}): an epoch would have no batch")
+        return out
+
+    @classmethod
+    def coerce(cls, obj: Any) -> "DataConfig":
+        """Accept a ``DataConfig``, a dict, or any object with the same attribute names."""
+        if isinstance(obj, cls):
+            return obj
+        names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(obj, dict):
+            unknown = sorted(set(obj) - set(names))
+            if unknown:
+                raise ConfigError(f"data: unknown key(s) {unknown}; known: {names}")
+            return cls(**obj)
+        return cls(**{n: getattr(obj, n) for n in names if hasattr(obj, n)})
 
 
-def _loss_config_cls():
-    from distill.objective import LossConfig
+@dataclass
+class LossConfig:
+    """Loss weights and options (the ``loss:`` section of a stage config)."""
 
-    return LossConfig
+    lm_weight: float = 1.0
+    """Weight of the student's next-token cross-entropy on the labels."""
+    kd_weight: float = 0.0
+    """Weight of the token-level logit distillation term (needs a teacher)."""
+    kd_kind: str = "forward_kl"
+    """``forward_kl`` (KL(teacher||student)), ``reverse_kl`` or ``jsd``."""
+    kd_temperature: float = 1.0
+    """Softmax temperature T of both models; the divergence is scaled by T^2."""
+    kd_beta: float = 0.5
+    """JSD interpolation: 0 -> forward KL, 1 -> reverse KL."""
+    logits_chunk_size: int = 256
+    """Labelled rows per chunk of the fused LM + KD loss (both lm_heads applied per chunk, fp32
+    math): peak logits memory is about 6 x rows x V x 4 bytes (256 rows, V = 151,936: ~0.9 GiB)."""
+    attn_weight: float = 0.0
+    """Weight of the visual-attention alignment term (needs a teacher)."""
+    attn_kind: str = "filtered_cosine"
+    """``filtered_cosine`` (CompoDistill), ``cosine`` or ``kl``."""
+    student_layers: list[int] | None = None
+    """Student text layers to align; ``None``: derived from depth (see ``match_layers``)."""
+    teacher_layers: list | None = None
+    """One teacher layer or window (list) per student layer; ``None``: proportional windows."""
+    num_layers: int | None = None
+    """Number of derived student layers (``None``: max(1, depth // 4))."""
+    window: int | None = None
+    """Teacher window size of derived targets (``None``: round(teacher_depth / student_depth))."""
+    backend: str = "auto"
+    """Attention kernel: auto, flash_attn, sdpa_flash, sdpa_efficient, cpu_flash, eager."""
+    attn_chunk_size: int | None = None
+    """Visual query rows per backward strip of the capture op's torch path; ``None``: automatic."""
+    capture_impl: str = "auto"
+    """Visual-attention op: ``triton`` (fused kernels, CUDA), ``torch`` (batched fallback) or
+    ``auto`` (triton on CUDA when it imports, else torch)."""
+
+    def __post_init__(self):
+        for name in ("lm_weight", "kd_weight", "attn_weight"):
+            v = getattr(self, name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                setattr(self, name, float(v))
+        _check(self.problems())
+
+    def problems(self) -> list[str]:
+        out = []
+        weights = ("lm_weight", "kd_weight", "attn_weight")
+        for name in weights:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                out.append(f"loss.{name}: must be a number >= 0, got {v!r}")
+        if not out and all(getattr(self, n) == 0 for n in weights):
+            out.append("loss.lm_weight/kd_weight/attn_weight: at least one weight must be > 0")
+        if self.kd_kind not in KD_KINDS:
+            out.append(f"loss.kd_kind: must be one of {KD_KINDS}, got {self.kd_kind!r}")
+        if self.attn_kind not in ATTN_KINDS:
+            out.append(f"loss.attn_kind: must be one of {ATTN_KINDS}, got {self.attn_kind!r}")
+        t = self.kd_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            out.append(f"loss.kd_temperature: must be > 0, got {t!r}")
+        if not isinstance(self.kd_beta, (int, float)) or not 0 <= self.kd_beta <= 1:
+            out.append(f"loss.kd_beta: must be in [0, 1], got {self.kd_beta!r}")
+        v = self.logits_chunk_size
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            out.append(f"loss.logits_chunk_size: must be a positive int, got {v!r}")
+        for name in ("attn_chunk_size", "num_layers", "window"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                out.append(f"loss.{name}: must be a positive int or null, got {v!r}")
+        if self.capture_impl not in VISUAL_IMPLS:
+            out.append(f"loss.capture_impl: must be one of {VISUAL_IMPLS}, got {self.capture_impl!r}")
+        if self.backend not in ("auto",) + BACKENDS:
+            out.append(f"loss.backend: must be one of {('auto',) + BACKENDS}, got {self.backend!r}")
+        if self.student_layers is not None and not isinstance(self.student_layers, (list, tuple)):
+            out.append(f"loss.student_layers: must be a list of ints or null, got {self.student_layers!r}")
+        if self.teacher_layers is not None and not isinstance(self.teacher_layers, (list, tuple)):
+            out.append(f"loss.teacher_layers: must be a list (ints or lists) or null, got {self.teacher_layers!r}")
+        return out
+
+    def needs_teacher(self) -> bool:
+        """True when a teacher term (logit KD, attention alignment) has weight."""
+        return self.kd_weight > 0 or self.attn_weight > 0
 
 
 @dataclass
@@ -197,10 +359,8 @@ class TrainConfig:
     """1 (DPT), 2 (SFT) or 3 (DFT); set by ``launch/stageN.py``."""
     run: RunConfig
     model: ModelConfig
-    data: Any
-    """``distill.data.DataConfig``."""
-    loss: Any
-    """``distill.objective.LossConfig``."""
+    data: DataConfig
+    loss: LossConfig
     deepspeed: DeepSpeedConfig
     source: str | None = None
     """The YAML file this config was read from."""
@@ -213,30 +373,23 @@ class TrainConfig:
         """True when the stage's recipe or its loss weights need teacher outputs."""
         return self.stage in TEACHER_STAGES or self.loss.needs_teacher()
 
+    def runs_teacher(self) -> bool:
+        """True when a loss term reads teacher outputs (``loss.kd_weight`` or ``loss.attn_weight``
+        > 0): only then is a teacher engine built. A stage-1/3 config with both weights 0 (an
+        ablation) keeps ``model.teacher`` for the adapter fetch but never loads the teacher."""
+        return self.model.teacher is not None and self.loss.needs_teacher()
+
 
 # ----------------------------------------------------------------------------------- loading
 
 
-def _sections():
-    return {
-        "run": RunConfig,
-        "model": ModelConfig,
-        "data": _data_config_cls(),
-        "loss": _loss_config_cls(),
-        "deepspeed": DeepSpeedConfig,
-    }
-
-
-PATH_FIELD_NAMES = ("shards",)
-PATH_FIELD_SUFFIXES = ("_dir", "_path", "_file", "_root")
+SECTIONS = {"run": RunConfig, "model": ModelConfig, "data": DataConfig, "loss": LossConfig,
+            "deepspeed": DeepSpeedConfig}
 
 
 def _is_path_field(f: dataclasses.Field) -> bool:
-    """Path fields: as ``metadata["path"]`` says where set, else (for sections defined elsewhere)
-    a name in PATH_FIELD_NAMES or ending in one of PATH_FIELD_SUFFIXES."""
-    if "path" in f.metadata:
-        return bool(f.metadata["path"])
-    return f.name in PATH_FIELD_NAMES or f.name.endswith(PATH_FIELD_SUFFIXES)
+    """Fields declared with :func:`_path`: resolved relative to the YAML folder, checked to exist."""
+    return bool(f.metadata.get("path"))
 
 
 def _type_name(tp) -> str:
@@ -244,42 +397,28 @@ def _type_name(tp) -> str:
 
 
 def _coerce(key: str, value, tp):
-    """Check/convert ``value`` (already YAML-parsed) to annotation ``tp``; ConfigError names key."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    """Check/convert ``value`` (already YAML-parsed) to the field annotation ``tp``: ``X | None``,
+    ``list[X]`` (a scalar becomes a one-item list), bool, int, float, str. ConfigError names key."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
         for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(key, value, a)
-            except ConfigError:
-                pass
+            if a is not type(None):
+                try:
+                    return _coerce(key, value, a)
+                except ConfigError:
+                    pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and origin is list:
+    if tp is list or origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
-            return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
-        out = [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -287,33 +426,24 @@ def _coerce(key: str, value, tp):
             return value.lower() in ("true", "yes", "1")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ConfigError(f"{key}: expected a bool, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}: expected an int, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a float, got {value!r}")
-        if isinstance(value, (int, float)):
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
             try:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a float, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, Path)):
+    elif tp is str:
+        if isinstance(value, (str, Path)) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
             return str(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    kind = {bool: "a bool", int: "an int", float: "a float", str: "a string"}.get(tp, _type_name(tp))
+    raise ConfigError(f"{key}: expected {kind}, got {value!r}")
 
 
 def _resolve_path(value, base: Path):
@@ -328,29 +458,30 @@ def _resolve_path(value, base: Path):
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _build_section(name: str, cls, raw: dict, bases: dict):
-    """Instantiate dataclass ``cls`` from ``raw`` (key -> value); ``bases`` maps key -> Path for
-    the folder its path value resolves from."""
+def _build_section(name: str, cls, raw: dict, bases: dict) -> tuple[Any, list[str]]:
+    """Dataclass ``cls`` from ``raw`` (key -> value) and the problems found; ``bases`` maps key ->
+    the folder its path value resolves from. Keys with a problem are left at their defaults."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
+    kwargs, problems, bad = {}, [], set()
     for k, v in raw.items():
         key = f"{name}.{k}"
-        if k not in fields:
-            close = [f for f in fields if f.startswith(k[:3])]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"{key}: unknown key{hint}; known keys: {', '.join(sorted(fields))}")
-        v = _coerce(key, v, hints[k])
-        if _is_path_field(fields[k]):
-            v = _resolve_path(v, bases[k])
-        kwargs[k] = v
+        try:
+            if k not in fields:
+                close = [f for f in fields if f.startswith(k[:3])]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ConfigError(f"{key}: unknown key{hint}; known keys: {', '.join(sorted(fields))}")
+            v = _coerce(key, v, hints[k])
+        except ConfigError as e:
+            problems.append(str(e))
+            bad.add(key)
+            continue
+        kwargs[k] = _resolve_path(v, bases[k]) if _is_path_field(fields[k]) else v
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith(f"{name}.") else f"{name}: {msg}") from None
+        return cls(**kwargs), problems
+    except ConfigError as e:  # the section's own checks; a key already reported is not repeated
+        problems += [m for m in str(e).splitlines() if m.partition(":")[0] not in bad]
+        return None, problems
 
 
 def _parse_override(item: str):
@@ -367,6 +498,49 @@ def _parse_override(item: str):
     return key, value
 
 
+def _read_yaml(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections")
+    return raw
+
+
+def _merge(raw: dict, yaml_base: Path, overrides, problems: list[str]) -> tuple[dict, dict]:
+    """Section -> {key: value} from the YAML then the overrides, and section -> {key: folder its
+    path value resolves from}; problems are appended to ``problems``."""
+    merged = {name: {} for name in SECTIONS}
+    bases = {name: {} for name in SECTIONS}
+    for k, v in raw.items():
+        if k not in SECTIONS:
+            problems.append(f"{k}: unknown section; known: stage, {', '.join(SECTIONS)}")
+        elif v is not None and not isinstance(v, dict):
+            problems.append(f"{k}: must be a mapping of keys")
+        else:
+            merged[k].update(v or {})
+            bases[k].update({key: yaml_base for key in v or {}})
+    for item in overrides:
+        try:
+            key, value = _parse_override(item)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        sec, _, k = key.partition(".")
+        if sec == "stage":
+            problems.append("stage: set by the launcher (launch/stageN.py), not an override")
+        elif sec not in SECTIONS:
+            problems.append(f"{key}: unknown section {sec!r}; known: {', '.join(SECTIONS)}")
+        else:
+            merged[sec][k] = value
+            bases[sec][k] = Path.cwd()
+    return merged, bases
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
                 stage: int | None = None, check_paths: bool = True) -> TrainConfig:
     """Read a stage config.
@@ -377,68 +551,53 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         stage: the launcher's stage (1, 2, 3); must agree with a ``stage`` key in the YAML.
         check_paths: check that input paths (models, data, DeepSpeed JSONs) exist.
     Raises:
-        ConfigError naming the dotted key, before anything heavy is loaded.
+        ConfigError listing every problem found (a line each, naming the dotted key), before
+        anything heavy is loaded.
     """
-    raw: dict = {}
-    yaml_base = Path.cwd()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: file not found: {path}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"--config: {path} must hold a mapping of sections")
-        yaml_base = p.resolve().parent
-    sections = _sections()
+    raw = _read_yaml(path) if path is not None else {}
+    yaml_base = Path(path).resolve().parent if path is not None else Path.cwd()
+    problems: list[str] = []
     yaml_stage = raw.pop("stage", None)
-    for k in raw:
-        if k not in sections:
-            raise ConfigError(f"{k}: unknown section; known: stage, {', '.join(sections)}")
-        if raw[k] is not None and not isinstance(raw[k], dict):
-            raise ConfigError(f"{k}: must be a mapping of keys")
-    merged = {name: dict(raw.get(name) or {}) for name in sections}
-    bases = {name: {k: yaml_base for k in merged[name]} for name in sections}
-    for item in overrides:
-        key, value = _parse_override(item)
-        sec, _, k = key.partition(".")
-        if sec == "stage":
-            raise ConfigError("stage: set by the launcher (launch/stageN.py), not an override")
-        if sec not in sections:
-            raise ConfigError(f"{key}: unknown section {sec!r}; known: {', '.join(sections)}")
-        merged[sec][k] = value
-        bases[sec][k] = Path.cwd()
+    merged, bases = _merge(raw, yaml_base, overrides, problems)
     if stage is None:
         stage = yaml_stage
     if stage not in STAGES:
-        raise ConfigError(f"stage: must be 1, 2 or 3, got {stage!r}")
-    if yaml_stage is not None and yaml_stage != stage:
-        raise ConfigError(f"stage: {path} is a stage-{yaml_stage} config but the stage-{stage} launcher was used")
-    built = {name: _build_section(name, cls, merged[name], bases[name]) for name, cls in sections.items()}
+        problems.append(f"stage: must be 1, 2 or 3, got {stage!r}")
+    elif yaml_stage is not None and yaml_stage != stage:
+        problems.append(f"stage: {path} is a stage-{yaml_stage} config but the stage-{stage} launcher was used")
+    built = {}
+    for name, cls in SECTIONS.items():
+        built[name], errors = _build_section(name, cls, merged[name], bases[name])
+        problems += errors
+    _check(problems)  # the checks below need every section
     cfg = TrainConfig(stage=stage, source=str(path) if path else None, **built)
     if cfg.run.output_dir and not Path(cfg.run.output_dir).is_absolute():
         cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
-    _validate(cfg, check_paths)
+    _check(_cross_problems(cfg) + (_path_problems(cfg) if check_paths else []))
     return cfg
 
 
-def _validate(cfg: TrainConfig, check_paths: bool):
+def _cross_problems(cfg: TrainConfig) -> list[str]:
+    """Checks that involve more than one section."""
+    out = []
     if cfg.model.student is None:
-        raise ConfigError("model.student: required (HF LLaVA folder or a previous stage's final/ folder)")
+        out.append("model.student: required (HF LLaVA folder or a previous stage's final/ folder)")
     if cfg.needs_teacher() and cfg.model.teacher is None:
         why = (f"stage {cfg.stage} ({cfg.stage_name}) distils from a teacher"
                if cfg.stage in TEACHER_STAGES else "a teacher loss weight is > 0")
-        raise ConfigError(f"model.teacher: required because {why}; set model.teacher=PATH")
+        out.append(f"model.teacher: required because {why}; set model.teacher=PATH")
     if cfg.deepspeed.zero_stage == 3 and cfg.loss.lm_weight == 0 and cfg.loss.kd_weight == 0:
-        raise ConfigError("loss.lm_weight: with loss.kd_weight=0 too, the loss skips the LM head and the last "
-                          "layers, which ZeRO-3's backward hooks do not support; keep lm_weight or kd_weight > 0 "
-                          "(a small value such as 1e-4 is enough) or use deepspeed.zero_stage=2")
-    if cfg.run.resume not in ("auto", "never") and check_paths and not Path(cfg.run.resume).exists():
-        raise ConfigError(f"run.resume: checkpoint folder does not exist: {cfg.run.resume}")
-    if not check_paths:
-        return
+        out.append("loss.lm_weight: with loss.kd_weight=0 too, the loss skips the LM head and the last "
+                   "layers, which ZeRO-3's backward hooks do not support; keep lm_weight or kd_weight > 0 "
+                   "(a small value such as 1e-4 is enough) or use deepspeed.zero_stage=2")
+    return out
+
+
+def _path_problems(cfg: TrainConfig) -> list[str]:
+    """Input paths that do not exist (patterns and URLs are checked when the data is read)."""
+    out = []
+    if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
+        out.append(f"run.resume: checkpoint folder does not exist: {cfg.run.resume}")
     for name in ("model", "deepspeed", "data"):
         sec = getattr(cfg, name)
         for f in dataclasses.fields(sec):
@@ -449,7 +608,8 @@ def _validate(cfg: TrainConfig, check_paths: bool):
                 if item is None or "://" in str(item) or any(c in str(item) for c in "{*?"):
                     continue
                 if not Path(item).exists():
-                    raise ConfigError(f"{name}.{f.name}: path does not exist: {item}")
+                    out.append(f"{name}.{f.name}: path does not exist: {item}")
+    return out
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from distill.config import ConfigError, TrainConfig
+from distill.schedule import lr_schedule
 
 __all__ = [
     "DistInfo",
@@ -39,7 +40,6 @@ __all__ = [
     "save_engine_checkpoint",
     "load_engine_checkpoint",
     "consolidated_state_dict",
-    "is_partitioned",
     "ds_configs_dir",
 ]
 
@@ -75,12 +75,11 @@ class Engines:
     def teacher_model(self) -> torch.nn.Module | None:
         return None if self.teacher is None else self.teacher.module
 
-    def backward(self, loss: torch.Tensor, world_scaled: bool = True):
+    def backward(self, loss: torch.Tensor):
         """Backward of a micro-batch loss that is already normalised by the global count of the
         optimizer step. DeepSpeed averages gradients over ranks and divides by the accumulation
         steps; both are undone here so gradients are the plain sum of the micro-batch losses."""
-        scale = self.dist.world_size if world_scaled else 1
-        self.student.backward(loss * scale, scale_wrt_gas=False)
+        self.student.backward(loss * self.dist.world_size, scale_wrt_gas=False)
 
     def step(self):
         """``engine.step()`` after every micro-batch (updates at accumulation boundaries)."""
@@ -144,9 +143,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def failed_ranks(error: str | None) -> list[tuple[int, str]]:
-    """Collective: each rank's error message (``None`` if it is fine) -> the ``(rank, message)``
-    pairs of every failing rank, the same list on every rank (so all can stop together)."""
+def failed_ranks(error: Any) -> list[tuple[int, Any]]:
+    """Collective: each rank's error (any picklable value; ``None`` if it is fine) -> the
+    ``(rank, error)`` pairs of every failing rank, the same list on every rank (so all can stop
+    together)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         got: list = [None] * dist.get_world_size()
         dist.all_gather_object(got, error)
@@ -291,20 +291,6 @@ def _fix_zero_init_dtype():
     init_cls._distill_dtype_fix = True
 
 
-def lr_schedule(optimizer, warmup_steps: int, total_steps: int):
-    """Linear warmup over ``warmup_steps`` (first step at lr/(warmup+1)), then linear decay
-    reaching lr/(total-warmup) at the last step (never exactly 0 inside the run).
-    Used when the DeepSpeed JSON has no ``scheduler`` section."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-
 def _unset_hf_ds_config():
     from transformers.integrations import deepspeed as hf_ds
 
@@ -367,11 +353,6 @@ def build_engines(
             keep.append(HfDeepSpeedConfig(copy.deepcopy(s_cfg)))
     return Engines(student=s_engine, teacher=t_engine, dist=dist_info, student_config=s_cfg,
                    teacher_config=t_cfg, _hf_ds_configs=keep)
-
-
-def is_partitioned(param: torch.nn.Parameter) -> bool:
-    """True when this rank holds only a ZeRO-3 shard of ``param``."""
-    return hasattr(param, "ds_tensor") and param.ds_tensor.numel() < param.ds_numel
 
 
 # ------------------------------------------------------------------------------ checkpoints

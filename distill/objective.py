@@ -24,97 +24,17 @@ the local counts of this micro-batch.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 
-from distill.attention import VISUAL_IMPLS, AttentionCapture, install, text_decoder_layers
-from distill.attention.kernels import BACKENDS
-from distill.losses import ATTN_KINDS, KD_KINDS, attention_alignment_loss, fused_lm_kd_loss, match_layers
+from distill.attention import AttentionCapture, install, text_decoder_layers
+from distill.config import LossConfig
+from distill.losses import attention_alignment_loss, fused_lm_kd_loss, match_layers
+from distill.models.loading import unwrap_model
 
 __all__ = ["LossConfig", "DistillObjective"]
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class LossConfig:
-    """Loss weights and options (the ``loss:`` section of a stage config)."""
-
-    lm_weight: float = 1.0
-    """Weight of the student's next-token cross-entropy on the labels."""
-    kd_weight: float = 0.0
-    """Weight of the token-level logit distillation term (needs a teacher)."""
-    kd_kind: str = "forward_kl"
-    """``forward_kl`` (KL(teacher||student)), ``reverse_kl`` or ``jsd``."""
-    kd_temperature: float = 1.0
-    """Softmax temperature T of both models; the divergence is scaled by T^2."""
-    kd_beta: float = 0.5
-    """JSD interpolation: 0 -> forward KL, 1 -> reverse KL."""
-    logits_chunk_size: int = 256
-    """Labelled rows per chunk of the fused LM + KD loss (both lm_heads applied per chunk, fp32
-    math): peak logits memory is about 6 x rows x V x 4 bytes (256 rows, V = 151,936: ~0.9 GiB)."""
-    attn_weight: float = 0.0
-    """Weight of the visual-attention alignment term (needs a teacher)."""
-    attn_kind: str = "filtered_cosine"
-    """``filtered_cosine`` (CompoDistill), ``cosine`` or ``kl``."""
-    student_layers: list[int] | None = None
-    """Student text layers to align; ``None``: derived from depth (see ``match_layers``)."""
-    teacher_layers: list | None = None
-    """One teacher layer or window (list) per student layer; ``None``: proportional windows."""
-    num_layers: int | None = None
-    """Number of derived student layers (``None``: max(1, depth // 4))."""
-    window: int | None = None
-    """Teacher window size of derived targets (``None``: round(teacher_depth / student_depth))."""
-    backend: str = "auto"
-    """Attention kernel: auto, flash_attn, sdpa_flash, sdpa_efficient, cpu_flash, eager."""
-    attn_chunk_size: int | None = None
-    """Visual query rows per backward strip of the capture op's torch path; ``None``: automatic."""
-    capture_impl: str = "auto"
-    """Visual-attention op: ``triton`` (fused kernels, CUDA), ``torch`` (batched fallback) or
-    ``auto`` (triton on CUDA when it imports, else torch)."""
-
-    def __post_init__(self):
-        for name in ("lm_weight", "kd_weight", "attn_weight"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ValueError(f"loss.{name}: must be a number >= 0, got {v!r}")
-            setattr(self, name, float(v))
-        if self.lm_weight == 0 and self.kd_weight == 0 and self.attn_weight == 0:
-            raise ValueError("loss.lm_weight/kd_weight/attn_weight: at least one weight must be > 0")
-        if self.kd_kind not in KD_KINDS:
-            raise ValueError(f"loss.kd_kind: must be one of {KD_KINDS}, got {self.kd_kind!r}")
-        if self.attn_kind not in ATTN_KINDS:
-            raise ValueError(f"loss.attn_kind: must be one of {ATTN_KINDS}, got {self.attn_kind!r}")
-        if isinstance(self.kd_temperature, bool) or not isinstance(self.kd_temperature, (int, float)) or not self.kd_temperature > 0:
-            raise ValueError(f"loss.kd_temperature: must be > 0, got {self.kd_temperature!r}")
-        if not isinstance(self.kd_beta, (int, float)) or not 0 <= self.kd_beta <= 1:
-            raise ValueError(f"loss.kd_beta: must be in [0, 1], got {self.kd_beta!r}")
-        v = self.logits_chunk_size
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"loss.logits_chunk_size: must be a positive int, got {v!r}")
-        for name in ("attn_chunk_size", "num_layers", "window"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"loss.{name}: must be a positive int or null, got {v!r}")
-        if self.capture_impl not in VISUAL_IMPLS:
-            raise ValueError(f"loss.capture_impl: must be one of {VISUAL_IMPLS}, got {self.capture_impl!r}")
-        if self.backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"loss.backend: must be one of {('auto',) + BACKENDS}, got {self.backend!r}")
-        if self.student_layers is not None and not isinstance(self.student_layers, (list, tuple)):
-            raise ValueError(f"loss.student_layers: must be a list of ints or null, got {self.student_layers!r}")
-        if self.teacher_layers is not None and not isinstance(self.teacher_layers, (list, tuple)):
-            raise ValueError(f"loss.teacher_layers: must be a list (ints or lists) or null, got {self.teacher_layers!r}")
-
-    def needs_teacher(self) -> bool:
-        return self.kd_weight > 0 or self.attn_weight > 0
-
-
-def _unwrap(model):
-    """DeepSpeed engines keep the HF model in ``.module``."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
 
 
 class _HiddenCapture:
@@ -172,8 +92,8 @@ class DistillObjective:
 
     def __init__(self, loss_cfg: LossConfig, student_model, teacher_model=None):
         self.cfg = loss_cfg
-        student_model = _unwrap(student_model)
-        teacher_model = None if teacher_model is None else _unwrap(teacher_model)
+        student_model = unwrap_model(student_model)
+        teacher_model = None if teacher_model is None else unwrap_model(teacher_model)
         if teacher_model is None and loss_cfg.needs_teacher():
             raise ValueError(
                 "loss.kd_weight/attn_weight > 0 need a teacher model; set them to 0 or give model.teacher"

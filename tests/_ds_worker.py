@@ -45,15 +45,16 @@ def mode_chain(paths, out: Path, rank: int) -> dict:
         if prev is not None:
             ov.append(f"model.student={prev}")
         cfg = _cfg(paths, stage, ov)
-        summary = T.train(cfg)
-        eng = summary["engines"]
+        run = T.setup(cfg)
+        summary = T.finalize(T.fit(run))
+        eng = run.engines
         r = {"final": summary["final"], "last": summary["last"],
              "student": _partition_report(eng.student_model),
              "teacher": _partition_report(eng.teacher_model) if eng.teacher is not None else None,
              "zero_stage": eng.student_config["zero_optimization"]["stage"]}
         res[f"stage{stage}"] = r
         prev = summary["final"]
-        del summary, eng
+        del summary, eng, run
     return res
 
 
@@ -61,14 +62,14 @@ def _reference_grad_norm(cfg, world) -> float:
     """Plain PyTorch (no DeepSpeed) gradient norm of step 1 over every rank's micro-batches."""
     from transformers.integrations import deepspeed as hf_ds
 
-    from distill.data import build_loader
-    from distill.models import build_student, build_teacher, load_processor
+    from distill.data import build_loader, count_targets
+    from distill.models import build_student, build_teacher, load_processor, select_trainable
     from distill.objective import DistillObjective
 
     hf_ds.unset_hf_deepspeed_config()
     m = cfg.model
     student = build_student(m.student, teacher_path=m.teacher, adapter_fetch=m.adapter_fetch, dtype=m.torch_dtype)
-    T.select_trainable(student, m)
+    select_trainable(student, m)
     teacher = build_teacher(m.teacher, dtype=m.torch_dtype) if m.teacher else None
     obj = DistillObjective(cfg.loss, student, teacher)
     proc = load_processor(m.student)
@@ -76,8 +77,8 @@ def _reference_grad_norm(cfg, world) -> float:
     for r in range(world):
         it = iter(build_loader(cfg.data, proc, rank=r, world_size=world, seed=cfg.run.seed))
         batches += [next(it) for _ in range(cfg.deepspeed.grad_accum)]
-    n_tok = sum(T.count_targets(b)[0] for b in batches).clamp(min=1)
-    n_img = sum(T.count_targets(b)[1] for b in batches).clamp(min=1)
+    n_tok = sum(count_targets(b)[0] for b in batches).clamp(min=1)
+    n_img = sum(count_targets(b)[1] for b in batches).clamp(min=1)
     total = {k: 0.0 for k in T.LOSS_TERMS}
     student.zero_grad()
     for b in batches:
@@ -150,23 +151,19 @@ def mode_accum(paths, out: Path, rank: int) -> dict:
 
 def mode_attn(paths, out: Path, rank: int) -> dict:
     """Stage-3 attention term on a fixed batch: present, and decreasing when it is trained."""
-    from distill.data import build_loader
-    from distill.models import build_student, build_teacher, load_processor
-    from distill.objective import DistillObjective
+    from distill.data import add_placeholder_image, build_loader, count_targets
 
     cfg = _cfg(paths, 3, list(paths["common"]) + ["loss.lm_weight=1e-4", "loss.kd_weight=0", "loss.attn_weight=1",
                                                  "deepspeed.lr=2e-4", "deepspeed.grad_clip=0",
-                                                 "deepspeed.grad_accum=1", "run.steps=8"])
-    d = E.init_distributed()
-    m = cfg.model
-    eng = T.build_stage_engines(cfg, d)
-    obj = DistillObjective(cfg.loss, eng.student_model, eng.teacher_model)
-    proc = load_processor(m.student)
+                                                 "deepspeed.grad_accum=1", "run.steps=8",
+                                                 f"run.output_dir={out / 'attn'}"])
+    run = T.setup(cfg)
+    d, eng, obj, proc = run.dist, run.engines, run.objective, run.processor
     batch = next(iter(build_loader(cfg.data, proc, rank=rank, world_size=d.world_size, seed=0)))
-    batch = T.add_placeholder_image(batch, T.PlaceholderImage.from_processor(proc, T._image_token_id(m.student)))
+    batch = add_placeholder_image(batch, run.placeholder)
     attn = []
     for _ in range(cfg.run.steps):
-        counts = torch.tensor([float(T.count_targets(batch)[0]), float(T.count_targets(batch)[1])], dtype=torch.float64)
+        counts = torch.tensor([float(count_targets(batch)[0]), float(count_targets(batch)[1])], dtype=torch.float64)
         E.all_reduce_sum(counts)
         o = obj(eng.student, eng.teacher, batch, num_tokens=counts[0].clamp(min=1), num_images=counts[1].clamp(min=1))
         eng.backward(o["loss"])

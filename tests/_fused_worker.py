@@ -44,28 +44,24 @@ def main():
     chunk, kind, temp = int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
     from transformers.integrations import deepspeed as hf_ds
 
-    from distill.data import build_loader
-    from distill.models import build_student, build_teacher, load_processor
-    from distill.objective import DistillObjective
+    from distill.data import add_placeholder_image, build_loader, count_targets
+    from distill.models import build_student, build_teacher, select_trainable
 
     ov = list(paths["common"]) + ["loss.attn_weight=0", "loss.lm_weight=0.7", "loss.kd_weight=1.3",
                                   f"loss.kd_kind={kind}", f"loss.kd_temperature={temp}",
                                   f"loss.logits_chunk_size={chunk}", "deepspeed.grad_clip=0",
-                                  "deepspeed.grad_accum=1", "data.batch_size=2", "run.steps=1"]
+                                  "deepspeed.grad_accum=1", "data.batch_size=2", "run.steps=1",
+                                  f"run.output_dir={out / 'run'}"]
     cfg = load_config(paths["yaml3"], ov, stage=3)
-    d = E.init_distributed()
-    m = cfg.model
-    eng = T.build_stage_engines(cfg, d)
-    obj = DistillObjective(cfg.loss, eng.student_model, eng.teacher_model)
-    proc = load_processor(m.student)
-    ph = T.PlaceholderImage.from_processor(proc, T._image_token_id(m.student))
+    run = T.setup(cfg)
+    d, eng, obj, proc, m = run.dist, run.engines, run.objective, run.processor, cfg.model
 
     def batch_of(rank):
-        return T.add_placeholder_image(next(iter(build_loader(cfg.data, proc, rank=rank, world_size=d.world_size,
-                                                              seed=cfg.run.seed))), ph)
+        return add_placeholder_image(next(iter(build_loader(cfg.data, proc, rank=rank, world_size=d.world_size,
+                                                            seed=cfg.run.seed))), run.placeholder)
 
     batch = batch_of(d.rank)
-    counts = torch.tensor([float(T.count_targets(batch)[0]), float(T.count_targets(batch)[1])], dtype=torch.float64)
+    counts = torch.tensor([float(count_targets(batch)[0]), float(count_targets(batch)[1])], dtype=torch.float64)
     E.all_reduce_sum(counts)
     o = obj(eng.student, lambda **kw: eng.teacher(**kw), batch,
             num_tokens=counts[0].clamp(min=1), num_images=counts[1].clamp(min=1))
@@ -83,10 +79,10 @@ def main():
         torch.save({n: g.detach().clone() for n, g in grads.items() if g is not None}, out / "ds_grads.pt")
         hf_ds.unset_hf_deepspeed_config()
         student = build_student(m.student, teacher_path=m.teacher, adapter_fetch=m.adapter_fetch, dtype=m.torch_dtype)
-        T.select_trainable(student, m)
+        select_trainable(student, m)
         teacher = build_teacher(m.teacher, dtype=m.torch_dtype)
         batches = [batch_of(r) for r in range(d.world_size)]
-        n_tok = sum(T.count_targets(b)[0] for b in batches).clamp(min=1)
+        n_tok = sum(count_targets(b)[0] for b in batches).clamp(min=1)
         ref = torch.zeros(3, dtype=torch.float64)
         for b in batches:
             lm, kd = _old_lm_kd(student, teacher, b, cfg.loss, n_tok)

@@ -200,3 +200,17 @@ def test_tensorboard_without_package_fails_at_load(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="run.tensorboard.*pip install tensorboard"):
         load_config(p, ["run.tensorboard=true"], stage=3)
     assert load_config(p, ["run.tensorboard=false"], stage=3).run.tensorboard is False
+
+
+def test_teacher_engine_only_when_a_loss_term_reads_it(tmp_path):
+    """``runs_teacher`` (what decides whether a teacher engine is built): only a kd or attention
+    weight > 0 needs teacher outputs; stages 1 and 3 with both weights 0 keep the teacher path
+    (adapter fetch) but never run the teacher."""
+    p = _write_yaml(tmp_path)
+    assert load_config(p, ["loss.kd_weight=1"], stage=3).runs_teacher()
+    assert load_config(p, ["loss.attn_weight=1"], stage=1).runs_teacher()
+    assert load_config(p, ["loss.kd_weight=1"], stage=2).runs_teacher()
+    for stage in (1, 2, 3):
+        cfg = load_config(p, ["loss.kd_weight=0", "loss.attn_weight=0"], stage=stage)
+        assert cfg.model.teacher is not None and not cfg.runs_teacher()
+    assert not load_config(p, ["model.teacher=null"], stage=2).runs_teacher()

@@ -148,7 +148,7 @@ def test_throughput_counts_the_global_batch_once(chain, tiny_models):
     from distill.config import load_config
     from distill.data import build_loader
     from distill.models import load_processor
-    from distill.train import BatchStream
+    from distill.data import BatchStream
 
     root, paths, _ = chain
     ov = list(paths["common"]) + list(paths["extra3"]) + [f"model.student={root / 'stage2' / 'final'}",
@@ -197,7 +197,7 @@ def test_lora_merge_matches_peft_forward():
     """merge_lora_state_dict folds LoRA exactly like peft's own forward computes it."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from distill.train import merge_lora_state_dict
+    from distill.models import merge_lora_state_dict
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5))
@@ -238,3 +238,23 @@ def test_one_rank_with_unreadable_shards_stops_every_rank_before_weights_load(ti
     assert "b.tar" in msgs[0].group(2) and "a.tar" not in msgs[0].group(2)
     assert "Traceback" not in text[0] + text[1]
     assert not (out / "checkpoints").exists()
+
+
+def test_stage_without_teacher_terms_never_loads_the_teacher(tiny_models, tmp_path):
+    """Stage 3 with kd_weight=0 and attn_weight=0 trains without building a teacher engine: the
+    teacher folder here has its config and tokenizer but no weights, so loading it would fail."""
+    import shutil
+
+    paths = make_inputs(tmp_path, tiny_models)
+    teacher = tmp_path / "teacher_without_weights"
+    shutil.copytree(tiny_models.teacher, teacher, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    out = tmp_path / "run"
+    args = ["--config", paths["yaml3"], *paths["common"], f"model.teacher={teacher}", "model.adapter_fetch=false",
+            "loss.kd_weight=0", "loss.attn_weight=0", "run.steps=1", f"run.output_dir={out}"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    rc = _launch.run(REPO / "launch" / "stage3.py", args, 1, logs, timeout=900)  # hang guard
+    assert rc == 0, (logs / "rank0.log").read_text()[-3000:]
+    assert (out / "final").is_dir()
+    rec = _metrics(out / "metrics.jsonl")[1]
+    assert rec["kd"] == 0 and rec["attn"] == 0 and math.isfinite(rec["lm"])

@@ -26,12 +26,14 @@ import torch
 from data_prep.images import to_rgb
 from data_prep.shards import IMAGE_EXTS
 
+from distill.config import DataConfigError
+
 IMAGE_PLACEHOLDER = "<image>"  # as written in LLaVA JSON
 ROLE_MAP = {"human": "user", "gpt": "assistant"}
 IGNORE_INDEX = -100
 
 
-class TemplateError(ValueError):
+class TemplateError(DataConfigError):
     """The processor / chat template cannot be used for training (configuration, not data)."""
 
 

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .collate import collate
-from .config import DataConfig
+from distill.config import DataConfig, DataConfigError
 from .encode import SampleEncoder, SkipSample, TemplateError
 from .shardlist import ShardInfo, resolve_shards, split_by_node, split_by_worker
 from .stats import TRUNCATED, SkipStats
@@ -95,7 +95,7 @@ def probe_shard(path: str) -> str | None:
 
 
 def check_max_length(encoder: SampleEncoder, max_length: int) -> None:
-    """Raise ``ValueError`` when ``data.max_length`` cannot hold one image sample (the processor's
+    """Raise ``DataConfigError`` when ``data.max_length`` cannot hold one image sample (the processor's
     image tokens plus the chat template and one answer token), which would otherwise skip every
     image sample as ``image_truncated`` only after the models have loaded."""
     try:
@@ -106,7 +106,7 @@ def check_max_length(encoder: SampleEncoder, max_length: int) -> None:
         log.debug("data: max_length probe skipped (%s: %s)", type(e).__name__, e)
         return
     if max_length < need:
-        raise ValueError(
+        raise DataConfigError(
             f"data.max_length={max_length} cannot hold one image sample: the processor turns a {w}x{h} image into "
             f"{n_image} image tokens, and with the chat template and one answer token the shortest image sample is "
             f"{need} tokens, so every image sample would be skipped (image_truncated). Set data.max_length to at "
@@ -258,7 +258,7 @@ class StreamingLoader:
     def __init__(self, cfg: DataConfig, processor: Any, *, rank: int, world_size: int, seed: int, epoch: int = 0,
                  with_keys: bool = False) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"build_loader: rank {rank} / world_size {world_size} invalid")
+            raise DataConfigError(f"build_loader: rank {rank} / world_size {world_size} invalid")
         self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
         self.shards = resolve_shards(cfg.shards)
         self.encoder = SampleEncoder(processor, cfg.max_length, cfg.drop_text_only)
@@ -271,7 +271,7 @@ class StreamingLoader:
         if cfg.samples_per_epoch is not None:
             per_rank = cfg.samples_per_epoch
         elif cfg.resampled or any(s.num_samples is None for s in self.shards):
-            raise ValueError(
+            raise DataConfigError(
                 "data.samples_per_epoch is required "
                 + ("in resampled mode" if cfg.resampled else "when shard sample counts are unknown (no manifest.json next to the shards)")
                 + " (samples per epoch per rank)"
@@ -280,19 +280,19 @@ class StreamingLoader:
             per_rank = sum(s.num_samples for s in self.shards) // world_size
         self.steps_per_epoch = per_rank // cfg.batch_size
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise DataConfigError(
                 f"data: {per_rank} samples per rank is less than one batch of {cfg.batch_size}; "
                 "lower data.batch_size or add data"
             )
         if not cfg.resampled and len(self.shards) < world_size * readers:
-            raise ValueError(
+            raise DataConfigError(
                 f"data: {len(self.shards)} shard(s) cannot feed {world_size} rank(s) x {readers} reader(s) without "
                 f"overlap; reshard with a smaller --shard-size, lower data.num_workers, or set data.resampled=true"
             )
         self._check_shards_readable()
 
     def _check_shards_readable(self) -> None:
-        """Raise ``ValueError`` when no shard this rank reads in the current epoch can be opened (all
+        """Raise ``DataConfigError`` when no shard this rank reads in the current epoch can be opened (all
         of them in resampled mode), naming them and why; a few unreadable ones are only logged (the
         readers count them as ``shard_read_error``)."""
         if self.cfg.resampled:
@@ -306,7 +306,7 @@ class StreamingLoader:
             return
         shown = "; ".join(f"{p}: {why}" for p, why in bad[:5]) + (f"; ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
         if len(bad) == len(mine):
-            raise ValueError(
+            raise DataConfigError(
                 f"data: rank {self.rank} cannot read any of its {len(mine)} shard(s) ({shown}); check the paths and "
                 "permissions in data.shards, or rebuild the shards with `python -m data_prep` and check them with "
                 "`python -m data_prep verify DIR`"

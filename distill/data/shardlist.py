@@ -10,6 +10,8 @@ from typing import Sequence, TypeVar
 
 from data_prep.shards import MANIFEST
 
+from distill.config import DataConfigError
+
 T = TypeVar("T")
 
 
@@ -24,7 +26,7 @@ def _expand_braces(spec: str) -> list[str]:
         from braceexpand import braceexpand
     except ImportError:  # webdataset depends on braceexpand; keep a clear error anyway
         if "{" in spec:
-            raise ValueError(f"brace pattern {spec!r} needs the braceexpand package") from None
+            raise DataConfigError(f"brace pattern {spec!r} needs the braceexpand package") from None
         return [spec]
     return list(braceexpand(spec))
 
@@ -38,14 +40,14 @@ def _manifest_counts(directory: str, cache: dict) -> dict[str, int] | None:
                 with open(path, encoding="utf-8") as f:
                     counts = {s["name"]: int(s["num_samples"]) for s in json.load(f)["shards"]}
             except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}: unreadable manifest ({type(e).__name__}: {e}); rerun python -m data_prep") from None
+                raise DataConfigError(f"{path}: unreadable manifest ({type(e).__name__}: {e}); rerun python -m data_prep") from e
         cache[directory] = counts
     return cache[directory]
 
 
 def resolve_shards(specs: Sequence[str]) -> list[ShardInfo]:
     """Resolve directories (with ``manifest.json``), manifest files, ``.tar`` paths, globs and brace
-    patterns into an ordered, de-duplicated ``ShardInfo`` list. Raises ``ValueError`` naming the
+    patterns into an ordered, de-duplicated ``ShardInfo`` list. Raises ``DataConfigError`` naming the
     spec that matched nothing or the file that is missing."""
     out: list[ShardInfo] = []
     seen = set()
@@ -56,7 +58,7 @@ def resolve_shards(specs: Sequence[str]) -> list[ShardInfo]:
             directory = spec if os.path.isdir(spec) else os.path.dirname(spec)
             counts = _manifest_counts(directory, cache)
             if counts is None:
-                raise ValueError(f"{spec}: no {MANIFEST} here; build shards with `python -m data_prep llava --out {directory}` "
+                raise DataConfigError(f"{spec}: no {MANIFEST} here; build shards with `python -m data_prep llava --out {directory}` "
                                  "or list the .tar files")
             paths = [os.path.join(directory, name) for name in counts]
         else:
@@ -64,10 +66,10 @@ def resolve_shards(specs: Sequence[str]) -> list[ShardInfo]:
             for p in _expand_braces(spec):
                 paths.extend(sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p])
             if not paths:
-                raise ValueError(f"shard spec {spec!r} matched no file")
+                raise DataConfigError(f"shard spec {spec!r} matched no file")
         for p in paths:
             if not os.path.isfile(p):
-                raise ValueError(f"shard {p} (from {spec!r}) does not exist")
+                raise DataConfigError(f"shard {p} (from {spec!r}) does not exist")
             real = os.path.realpath(p)
             if real in seen:
                 continue
@@ -75,7 +77,7 @@ def resolve_shards(specs: Sequence[str]) -> list[ShardInfo]:
             counts = _manifest_counts(os.path.dirname(os.path.abspath(p)), cache)
             out.append(ShardInfo(p, counts.get(os.path.basename(p)) if counts else None))
     if not out:
-        raise ValueError(f"no shards in {list(specs)}")
+        raise DataConfigError(f"no shards in {list(specs)}")
     return out
 
 

@@ -1,0 +1,96 @@
+"""Host-side helpers on collated batches: target counts, device transfer, the placeholder image row.
+
+A collated batch (:func:`distill.data.collate.collate`) holds ``input_ids/attention_mask/labels
+[B,T]``, ``pixel_values [N,3,H,W]`` or None, ``has_image [B]``, ``vis_pos [B,n]`` and the host ints
+``num_targets`` and ``vis_key_len``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .encode import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "PlaceholderImage", "add_placeholder_image", "count_targets", "to_device"]
+
+
+def count_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid shifted label positions, samples with an image) of one micro-batch, as tensors."""
+    labels = batch["labels"]
+    tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+    images = batch["has_image"].sum() if batch.get("has_image") is not None else torch.zeros((), dtype=torch.long)
+    return tokens, images
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Every tensor of ``batch`` on ``device`` (non-blocking), floating ones cast to ``dtype``."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+@dataclass
+class PlaceholderImage:
+    """One image-only row (``input_ids [1,n]``, ``pixel_values [1,3,H,W]``) made by the processor."""
+
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_token_id: int
+    pad_token_id: int
+
+    @classmethod
+    def from_processor(cls, processor, image_token_id: int) -> "PlaceholderImage":
+        from PIL import Image
+
+        size = getattr(processor.image_processor, "size", None) or {}
+        get = size.get if hasattr(size, "get") else (lambda k: getattr(size, k, None))
+        h = get("height") or get("shortest_edge") or 224
+        w = get("width") or get("shortest_edge") or h
+        token = getattr(processor, "image_token", None) or processor.tokenizer.convert_ids_to_tokens(image_token_id)
+        enc = processor(images=[Image.new("RGB", (int(w), int(h)))], text=[token], return_tensors="pt")
+        pad = processor.tokenizer.pad_token_id
+        return cls(enc["input_ids"][:1], enc["pixel_values"][:1], image_token_id, 0 if pad is None else int(pad))
+
+
+def add_placeholder_image(batch: dict, ph: PlaceholderImage) -> dict:
+    """Give an image-less micro-batch one extra image-only row.
+
+    ZeRO-3 gathers parameters collectively, so every rank must run the same modules in the same
+    order: a rank whose micro-batch has no image would skip the vision tower and projector while
+    another rank runs them (a hang or a collective mismatch). The extra row has labels -100 and
+    ``has_image`` False, so no loss term changes (its targets are empty and the attention term
+    drops it); it only makes the vision path run forward and backward on this rank too.
+
+    Shapes: ``input_ids/attention_mask/labels [B,T] -> [B+1,max(T,n)]``, ``pixel_values
+    [1,3,H,W]``, ``has_image [B+1]``, ``vis_pos [B+1,n]``, ``vis_key_len`` for the new positions.
+    Called on the host batch (before ``to_device``).
+    """
+    if batch.get("pixel_values") is not None:
+        return batch
+    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    b, t = ids.shape
+    row = ph.input_ids.to(ids.device)
+    length = max(t, row.shape[1])
+
+    def pad_to(x, value):
+        return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)
+
+    out = dict(batch)
+    out["input_ids"] = torch.cat([pad_to(ids, ph.pad_token_id), pad_to(row, ph.pad_token_id)])
+    out["attention_mask"] = torch.cat([pad_to(am, 0), pad_to(torch.ones_like(row), 0).to(am.dtype)])
+    out["labels"] = torch.cat([pad_to(labels, IGNORE_INDEX),
+                               torch.full((1, length), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)])
+    out["pixel_values"] = ph.pixel_values.to(ids.device)
+    has = batch.get("has_image")
+    has = torch.zeros(b, dtype=torch.bool, device=ids.device) if has is None else has.to(torch.bool)
+    out["has_image"] = torch.cat([has, torch.zeros(1, dtype=torch.bool, device=ids.device)])
+    pos = (row[0] == ph.image_token_id).nonzero().flatten()  # (n,) increasing; host batch: no device sync
+    out["vis_pos"] = pos.unsqueeze(0).expand(b + 1, -1).contiguous()
+    out["vis_key_len"] = int(pos[-1]) + 1 if pos.numel() else 0
+    return out
