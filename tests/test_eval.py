@@ -563,17 +563,18 @@ def test_ab_protocol_on_sugarcrepe_fixture_with_controlled_answers(student, tmp_
                                    + [(s.negatives[0][0], s.positive) for s in samples])
     assert res["overall"] == {"hits": 7.0, "total": 14, "accuracy": 0.5}
     assert all(e == {"hits": 1.0, "total": 2, "accuracy": 0.5} for e in res["per_category"].values())
-    assert [p["score"] for p in per] == [0.5] * 14
+    assert [p["score"] for p in per] == [0.5] * 14 and res["answered_a"] == 1.0
     from distill.eval import letter_token_ids
 
     assert res["letter_token_ids"] == dict(zip("AB", letter_token_ids(proc)))
     # oracle / anti-oracle: 100 % / 0 %; equal letter logits (ties): 50 %
     res, _, _ = run(lambda a, b: (1.0, 0.0) if a in positives else (0.0, 1.0), batch_size=3)
-    assert res["overall"]["accuracy"] == 1.0
+    assert res["overall"]["accuracy"] == 1.0 and res["answered_a"] == 0.5
     res, _, _ = run(lambda a, b: (0.0, 1.0) if a in positives else (1.0, 0.0))
     assert res["overall"]["accuracy"] == 0.0
     res, per, _ = run(lambda a, b: (3.0, 3.0))
-    assert res["overall"]["accuracy"] == 0.5 and all(p["pairs"][0]["pos_first"][0] == p["pairs"][0]["pos_first"][1] for p in per)
+    assert res["overall"]["accuracy"] == 0.5 and res["answered_a"] == 0.0
+    assert all(p["pairs"][0]["pos_first"][0] == p["pairs"][0]["pos_first"][1] for p in per)
 
     # per category: oracle on swap_*, anti-oracle on add_*, else right when the positive is A and a
     # tie when it is B (0.75 per pair: averaging with a tie)

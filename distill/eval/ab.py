@@ -201,7 +201,8 @@ def evaluate_compositional_ab(model, processor, samples, *, batch_size: int = 8,
     of `batch_size` prompts.
 
     Returns:
-        (results, per_sample): results as `ab_accuracy` plus ``"ab_prompt"`` and
+        (results, per_sample): results as `ab_accuracy` plus ``"answered_a"`` (share of questions
+        whose "A" log-probability is strictly higher: the letter bias), ``"ab_prompt"`` and
         ``"letter_token_ids"``; per_sample[s] = {"id", "categories", "score", "pairs": [{"negative",
         "category", "pos_first": [logp A, logp B], "neg_first": [logp A, logp B], "score"}]}.
     """
@@ -234,6 +235,9 @@ def evaluate_compositional_ab(model, processor, samples, *, batch_size: int = 8,
     letter_scores = [torch.tensor(rows, dtype=torch.float64).reshape(len(smp.negatives), 2, 2)
                      for smp, rows in zip(samples, got)]
     results = ab_accuracy(samples, letter_scores)
+    orderings = torch.cat([sc.reshape(-1, 2) for sc in letter_scores]) if letter_scores else torch.zeros(0, 2)
+    # letter bias: the share of questions answered "A" (1.0 or 0.0 = one letter whatever the captions)
+    results["answered_a"] = float((orderings[:, 0] > orderings[:, 1]).double().mean()) if len(orderings) else 0.0
     results["ab_prompt"] = prompt
     results["letter_token_ids"] = {"A": ids[0], "B": ids[1]}
     per_sample = []
