@@ -176,7 +176,7 @@ def _read_json(path: str | Path, key: str) -> dict:
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{key}: {p} is not valid JSON: {e}") from None
+        raise ConfigError(f"{key}: {p} is not valid JSON: {e}") from e
 
 
 def _fill_auto(d: Any, values: dict[str, Any], prefix: str = "", src: str = "") -> Any:

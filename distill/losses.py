@@ -327,6 +327,23 @@ class _FusedLMKD(torch.autograd.Function):
         return (out_h, out_w, out_b) + (None,) * 11
 
 
+def _check_fused_args(student_hidden, targets, teacher_hidden, teacher_head, chunk_size) -> None:
+    """Shapes and chunk size of a :func:`fused_lm_kd_loss` call (ValueError naming the argument)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if student_hidden.dim() != 2 or targets.shape != student_hidden.shape[:1]:
+        raise ValueError(
+            f"student_hidden must be [N, H] and targets [N]; got {tuple(student_hidden.shape)}, {tuple(targets.shape)}"
+        )
+    if (teacher_hidden is None) != (teacher_head is None):
+        raise ValueError("give both teacher_hidden and teacher_head, or neither")
+    if teacher_hidden is not None and (teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != student_hidden.shape[0]):
+        raise ValueError(
+            f"teacher_hidden must be [N, H_t] with the student's N; got {tuple(teacher_hidden.shape)} "
+            f"vs {tuple(student_hidden.shape)}"
+        )
+
+
 def fused_lm_kd_loss(
     student_hidden: torch.Tensor,
     student_head,
@@ -388,23 +405,9 @@ def fused_lm_kd_loss(
         Zero counted rows give zeros (and zero gradients).
     """
     _check_kd_args(kind, temperature, beta)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if student_hidden.dim() != 2 or targets.shape != student_hidden.shape[:1]:
-        raise ValueError(
-            f"student_hidden must be [N, H] and targets [N]; got {tuple(student_hidden.shape)}, {tuple(targets.shape)}"
-        )
-    if (teacher_hidden is None) != (teacher_head is None):
-        raise ValueError("give both teacher_hidden and teacher_head, or neither")
+    _check_fused_args(student_hidden, targets, teacher_hidden, teacher_head, chunk_size)
     w_s, b_s = _linear_params(student_head, "student_head")
-    w_t = b_t = None
-    if teacher_hidden is not None:
-        if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != student_hidden.shape[0]:
-            raise ValueError(
-                f"teacher_hidden must be [N, H_t] with the student's N; got {tuple(teacher_hidden.shape)} "
-                f"vs {tuple(student_hidden.shape)}"
-            )
-        w_t, b_t = _linear_params(teacher_head, "teacher_head")
+    w_t, b_t = _linear_params(teacher_head, "teacher_head") if teacher_head is not None else (None, None)
     with _gathered([w_s, b_s, w_t, b_t]):
         v_s, v_t = w_s.shape[0], (w_t.shape[0] if w_t is not None else None)
         if v_t is not None and v_t < v_s:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distill.attention.visual import key_len_of
+
 from .encode import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "PlaceholderImage", "add_placeholder_image", "count_targets", "to_device"]
@@ -92,5 +94,5 @@ def add_placeholder_image(batch: dict, ph: PlaceholderImage) -> dict:
     out["has_image"] = torch.cat([has, torch.zeros(1, dtype=torch.bool, device=ids.device)])
     pos = (row[0] == ph.image_token_id).nonzero().flatten()  # (n,) increasing; host batch: no device sync
     out["vis_pos"] = pos.unsqueeze(0).expand(b + 1, -1).contiguous()
-    out["vis_key_len"] = int(pos[-1]) + 1 if pos.numel() else 0
+    out["vis_key_len"] = key_len_of(pos) or 0
     return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from distill.attention.visual import key_len_of
+
 from .encode import IGNORE_INDEX, Encoded
 
 
@@ -56,5 +58,5 @@ def collate(samples: list[Encoded], pad_token_id: int, image_token_id: int) -> d
         "has_image": has_image,
         "vis_pos": vis_pos,
         "num_targets": sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples),
-        "vis_key_len": int(vis_pos.max()) + 1 if n else 0,
+        "vis_key_len": key_len_of(vis_pos) or 0,  # host tensor: no device sync
     }

@@ -216,7 +216,7 @@ class EpochStream(IterableDataset):
                     stats.add(e.reason, e.detail)
                     streak += 1
                     if streak >= limit:
-                        raise RuntimeError(f"data: {limit} consecutive samples were unusable; skip counts {stats.as_dict()}") from None
+                        raise RuntimeError(f"data: {limit} consecutive samples were unusable; skip counts {stats.as_dict()}") from e
                     continue
                 streak = 0
                 if sample.truncated:

@@ -28,7 +28,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+            raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from e
         if not isinstance(row, dict):
             raise ValueError(f"{p}:{i}: each line must be a JSON object")
         rows.append(row)
