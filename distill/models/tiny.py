@@ -338,20 +338,30 @@ def build_real_pair(out_dir: str | os.PathLike, seed: int = 0, device: str = "cp
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .tiny_families import FAMILIES, build_family_pair
+
     parser = argparse.ArgumentParser(
         prog="python -m distill.models.tiny",
-        description="Write an offline LLaVA teacher/student pair (DIR/teacher, DIR/student): tiny, or real shapes.",
+        description="Write an offline teacher/student pair (DIR/teacher, DIR/student): LLaVA (tiny, or real "
+                    "shapes) or a tiny pair of another VLM family (--family).",
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="weight-initialisation seed")
+    parser.add_argument("--family", choices=("llava",) + FAMILIES, default="llava",
+                        help="model family (default llava: LlavaForConditionalGeneration; the others are tiny pairs "
+                             "of the family's own transformers classes, see distill/models/tiny_families.py)")
     parser.add_argument("--teacher-hidden", type=int, default=None,
-                        help=f"teacher text hidden size (default {TEACHER_HIDDEN}; the student's is 64)")
+                        help=f"llava: teacher text hidden size (default {TEACHER_HIDDEN}; the student's is 64)")
     parser.add_argument("--preset", choices=("tiny", "real"), default="tiny",
-                        help="tiny (default; seconds, a few MB) or real (1.8B/4B-class pair with a SigLIP-so400m "
-                             "tower, random bf16 weights, ~13 GB)")
+                        help="llava: tiny (default; seconds, a few MB) or real (1.8B/4B-class pair with a "
+                             "SigLIP-so400m tower, random bf16 weights, ~13 GB)")
     parser.add_argument("--device", default="cpu", help="real preset: where to initialise the weights (cuda: fast)")
     args = parser.parse_args(argv)
-    if args.preset == "real":
+    if args.family != "llava":
+        if args.preset != "tiny" or args.teacher_hidden is not None:
+            parser.error(f"--preset real and --teacher-hidden apply to --family llava only, not {args.family}")
+        pair = build_family_pair(args.family, args.out, seed=args.seed)
+    elif args.preset == "real":
         if args.teacher_hidden is not None:
             parser.error("--teacher-hidden applies to the tiny preset only")
         pair = build_real_pair(args.out, seed=args.seed, device=args.device)
