@@ -67,22 +67,24 @@ class Window:
     """Device-side sums over the optimizer steps since the last log step (no host sync).
 
     ``terms``: this rank's sums of :data:`LOSS_TERMS` (all-reduced and averaged at the log step);
-    ``tokens`` / ``samples``: the *global* valid label tokens and real samples of each step, already
-    summed over ranks when the step's normalisers were made, so never all-reduced again."""
+    ``tokens`` / ``samples`` / ``input_tokens``: the *global* valid label tokens, real samples and
+    non-padding input tokens of each step, already summed over ranks when the step's normalisers
+    were made, so never all-reduced again."""
 
     terms: torch.Tensor
     tokens: torch.Tensor
     samples: torch.Tensor
+    input_tokens: torch.Tensor
     steps: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
     def zeros(cls, device) -> "Window":
         z = lambda n=(): torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(terms=z(len(LOSS_TERMS)), tokens=z(), samples=z())
+        return cls(terms=z(len(LOSS_TERMS)), tokens=z(), samples=z(), input_tokens=z())
 
     def reset(self):
-        for t in (self.terms, self.tokens, self.samples):
+        for t in (self.terms, self.tokens, self.samples, self.input_tokens):
             t.zero_()
         self.steps, self.started = 0, time.perf_counter()
 
@@ -228,14 +230,16 @@ def train_step(run: Run, micro_batches: list[dict]) -> bool:
 
     eng, dev, dtype = run.engines, run.dist.device, run.cfg.model.torch_dtype
     real_samples = sum(int(mb["input_ids"].shape[0]) for mb in micro_batches)  # host ints, before placeholders
+    # non-padding input tokens of the real rows: a sum over host (CPU) tensors, no device sync
+    input_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
     micro = [to_device(add_placeholder_image(mb, run.placeholder), dev, dtype) for mb in micro_batches]
-    counts = torch.zeros(3, dtype=torch.float64, device=dev)  # tokens, images, samples of this step
-    counts[2] = real_samples
+    counts = torch.zeros(4, dtype=torch.float64, device=dev)  # tokens, images, samples, input tokens
+    counts[2], counts[3] = real_samples, input_tokens
     for mb in micro:
         tokens, images = count_targets(mb)
         counts[0] += tokens
         counts[1] += images
-    E.all_reduce_sum(counts)  # global tokens / images / samples of this optimizer step
+    E.all_reduce_sum(counts)  # global tokens / images / samples / input tokens of this optimizer step
     num_tokens, num_images = counts[0].clamp(min=1), counts[1].clamp(min=1)
     run.lr = eng.lr()  # the rate this step's update uses
     teacher_fn = run.teacher_fn if eng.teacher is not None else None
@@ -248,6 +252,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> bool:
             terms[i] += out[k].detach().to(torch.float64)
     run.window.tokens += counts[0]
     run.window.samples += counts[2]
+    run.window.input_tokens += counts[3]
     run.window.steps += 1
     return eng.step_applied()
 
@@ -275,6 +280,8 @@ def log_window(run: Run, step: int) -> dict:
     - ``loss/lm/kd/attn`` = (sum over ranks and steps of the rank's term) / n: each rank's term is
       already divided by the step's global count, so the rank sum is the step's global value;
     - ``tokens_per_s`` = (sum over steps of the global valid shifted label tokens) / dt;
+    - ``input_tokens_per_s`` = (sum over steps of the global non-padding input tokens, image tokens
+      included, placeholder rows excluded) / dt: the rate the models process, for MFU;
     - ``samples_per_s`` = (sum over steps of the global samples the loader gave, placeholder
       image rows excluded) / dt; ``step_time_s`` = dt / n;
     - ``skipped_samples``, ``shard_read_errors``, ``truncated_samples``: sums over ranks;
@@ -289,12 +296,13 @@ def log_window(run: Run, step: int) -> dict:
     peak = E.all_reduce_max(torch.tensor([peak_rss_mb(), peak_accelerator_mb()], dtype=torch.float64, device=dev))
     # note: host sync points (the log step)
     term_sums, (skipped, read_errors, truncated) = sums[:len(LOSS_TERMS)].tolist(), sums[len(LOSS_TERMS):].tolist()
-    tokens, samples = w.tokens.item(), w.samples.item()
+    tokens, samples, input_tokens = w.tokens.item(), w.samples.item(), w.input_tokens.item()
     rss_mb, acc_mb = peak.tolist()
     dt = time.perf_counter() - w.started
     rec = {"step": step, "stage": run.cfg.stage,
            **{k: v / w.steps for k, v in zip(LOSS_TERMS, term_sums)},
-           "lr": run.lr, "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "step_time_s": dt / w.steps,
+           "lr": run.lr, "tokens_per_s": tokens / dt, "input_tokens_per_s": input_tokens / dt,
+           "samples_per_s": samples / dt, "step_time_s": dt / w.steps,
            "skipped_samples": int(skipped), "shard_read_errors": int(read_errors),
            "truncated_samples": int(truncated), "nonfinite_steps": run.nonfinite_total, "peak_rss_mb": rss_mb}
     if acc_mb > 0:

@@ -143,8 +143,9 @@ def test_kill9_inside_a_save_then_same_command_resumes_with_identical_losses(cha
 
 def test_throughput_counts_the_global_batch_once(chain, tiny_models):
     """samples/s x step time = the global batch (ranks x accum x batch size, no placeholder rows) and
-    tokens/s x step time = the step's valid shifted labels over both ranks, counted here
-    independently from the same data stream each rank read."""
+    tokens/s x step time = the step's valid shifted labels over both ranks, and input tokens/s x
+    step time = its non-padding input tokens (image tokens included), counted here independently
+    from the same data stream each rank read."""
     from distill.config import load_config
     from distill.data import build_loader
     from distill.models import load_processor
@@ -156,18 +157,22 @@ def test_throughput_counts_the_global_batch_once(chain, tiny_models):
     cfg = load_config(paths["yaml3"], ov, stage=3)
     accum, steps = cfg.deepspeed.grad_accum, cfg.run.steps
     processor = load_processor(cfg.model.student)
-    want = [0] * steps
+    want, want_in = [0] * steps, [0] * steps
     for r in range(RANKS):
         stream = BatchStream(build_loader(cfg.data, processor, rank=r, world_size=RANKS, seed=cfg.run.seed), r)
         for step in range(steps):
             for _ in range(accum):
-                want[step] += int((next(stream)["labels"][:, 1:] != -100).sum())
+                mb = next(stream)
+                want[step] += int((mb["labels"][:, 1:] != -100).sum())
+                want_in[step] += int((mb["input_ids"] != processor.tokenizer.pad_token_id).sum())
     m = _metrics(root / "stage3" / "metrics.jsonl")
     assert cfg.run.log_every == 1 and sorted(m) == list(range(1, steps + 1))
     for step, rec in m.items():
         assert math.isclose(rec["samples_per_s"] * rec["step_time_s"], RANKS * accum * cfg.data.batch_size,
                             rel_tol=1e-9), rec
         assert math.isclose(rec["tokens_per_s"] * rec["step_time_s"], want[step - 1], rel_tol=1e-9), (step, rec)
+        assert math.isclose(rec["input_tokens_per_s"] * rec["step_time_s"], want_in[step - 1], rel_tol=1e-9), (step, rec)
+        assert want_in[step - 1] > want[step - 1]
         assert rec["skipped_samples"] >= 0 and rec["shard_read_errors"] == 0 and "truncated_samples" in rec
 
 
