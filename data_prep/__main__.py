@@ -43,10 +43,20 @@ def _synth(args: argparse.Namespace) -> int:
     from .shards import PrepError
     from .synth import make_synthetic
 
+    sizes = None
+    if args.sizes is not None:
+        if args.size is not None:
+            print("error: give --size or --sizes, not both", file=sys.stderr)
+            return 2
+        try:
+            sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+        except ValueError:
+            print(f"error: --sizes must be comma-separated integers, got {args.sizes!r}", file=sys.stderr)
+            return 2
     try:
         results = make_synthetic(args.out, num=args.num, seed=args.seed, num_test=args.num_test,
-                                 size=args.size, shard_size=args.shard_size, workers=args.workers,
-                                 progress=not args.quiet)
+                                 size=96 if args.size is None else args.size, shard_size=args.shard_size,
+                                 workers=args.workers, progress=not args.quiet, sizes=sizes)
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -83,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--num", type=int, required=True, help="scenes in each of the caption and instruct splits")
     s.add_argument("--num-test", type=int, default=None, help="compositional test scenes (default max(1, num // 4))")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=96, help="rendered image side in pixels (default 96)")
+    s.add_argument("--size", type=int, default=None, help="rendered image side in pixels (default 96)")
+    s.add_argument("--sizes", default=None, metavar="N,N,...",
+                   help="comma-separated image sides (e.g. 56,84,112): each image's side is drawn from the list "
+                        "(seeded, per image), so visual-token counts differ inside a batch; replaces --size")
     s.add_argument("--shard-size", type=int, default=1000)
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--quiet", action="store_true")

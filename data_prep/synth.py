@@ -5,6 +5,12 @@ blue, yellow, purple, orange) and distinct shapes, in distinct cells of a 3x3 gr
 PIL at ``size`` px (default 96; the model's processor resizes). Scene ``i`` of split ``s`` depends
 only on ``(seed, s, i)``, so a larger ``--num`` extends a smaller one and reruns are byte-identical.
 
+``sizes`` (``--sizes 56,84,112``) renders each image at a side drawn from the list instead, from its
+own seeded stream ``(seed, s, i)`` (the scene and its text are those of the same scene at one
+``--size``), so processors whose visual-token count follows the image size (Qwen2.5-VL, OneVision,
+InternVL) see different counts inside a batch. ``OUT/<split>/render.json`` records the sizes; a
+rerun with other sizes re-renders and re-shards that split.
+
 Splits (each ``OUT/<split>/{data.json, images/, shards/}``; shards via ``prepare_llava``):
 
 - ``caption``: one-turn "describe" prompt -> caption naming every shape and one spatial relation.
@@ -163,7 +169,15 @@ TEXT_ONLY_QA = (
 )
 
 
-def _record(split: str, i: int, seed: int, size: int, images_dir: str) -> dict:
+def image_size_for(split: str, i: int, seed: int, size: int, sizes=None) -> int:
+    """Side of image ``i`` of ``split``: ``size``, or a seeded draw from ``sizes`` (its own stream, so the
+    scene's random draws are the same with or without ``sizes``)."""
+    if not sizes:
+        return size
+    return random.Random(f"{seed}/{split}/{i}/size").choice(list(sizes))
+
+
+def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=None) -> dict:
     rng = random.Random(f"{seed}/{split}/{i}")
     rid = f"synth-{split}-{i:07d}"
     if split == "instruct" and rng.random() < 0.05:
@@ -172,7 +186,7 @@ def _record(split: str, i: int, seed: int, size: int, images_dir: str) -> dict:
     scene = make_scene(rng)
     image = f"{i:07d}.png"
     path = os.path.join(images_dir, image)
-    render(scene, size, rng).save(path, format="PNG")  # always: a rerun with another seed/size must not keep stale images
+    render(scene, image_size_for(split, i, seed, size, sizes), rng).save(path, format="PNG")  # always: a rerun with another seed/size must not keep stale images
     rec = {"id": rid, "image": image}
     if split == "caption":
         rec["conversations"] = [
@@ -209,25 +223,40 @@ def _record(split: str, i: int, seed: int, size: int, images_dir: str) -> dict:
     return rec
 
 
-def write_split_json(out_dir: str, split: str, num: int, seed: int, size: int) -> str:
+def write_split_json(out_dir: str, split: str, num: int, seed: int, size: int, sizes=None) -> str:
     """Render ``num`` scenes of ``split`` into ``out_dir/<split>/{images/, data.json}``; return the JSON path.
 
     ``data.json`` is rewritten only when its content changes (so a rerun can resume sharding).
     """
-    return _write_split_json(out_dir, split, num, seed, size)[0]
+    return _write_split_json(out_dir, split, num, seed, size, sizes)[0]
 
 
-def _write_split_json(out_dir: str, split: str, num: int, seed: int, size: int) -> tuple[str, bool]:
+RENDER_FILE = "render.json"
+
+
+def _render_text(size: int, sizes=None) -> str:
+    return json.dumps({"sizes": list(sizes)} if sizes else {"size": size}) + "\n"
+
+
+def _write_split_json(out_dir: str, split: str, num: int, seed: int, size: int, sizes=None) -> tuple[str, bool]:
+    """Also says whether anything the shards hold changed: the records, or the rendering sizes (the images
+    change, data.json does not) against ``<split>/render.json``, which the caller rewrites once any stale
+    shards are gone (:func:`_write_render`)."""
     split_dir = os.path.join(out_dir, split)
     images_dir = os.path.join(split_dir, "images")
     os.makedirs(images_dir, exist_ok=True)
-    records = [_record(split, i, seed, size, images_dir) for i in range(num)]
+    records = [_record(split, i, seed, size, images_dir, sizes) for i in range(num)]
     text = json.dumps(records, indent=1) + "\n"
     path = os.path.join(split_dir, "data.json")
+    render_path = os.path.join(split_dir, RENDER_FILE)
+    same_render = False
+    if os.path.exists(render_path):
+        with open(render_path, encoding="utf-8") as f:
+            same_render = f.read() == _render_text(size, sizes)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             if f.read() == text:
-                return path, False
+                return path, not same_render
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -235,23 +264,40 @@ def _write_split_json(out_dir: str, split: str, num: int, seed: int, size: int) 
     return path, True
 
 
+def _write_render(out_dir: str, split: str, size: int, sizes=None) -> None:
+    path = os.path.join(out_dir, split, RENDER_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(_render_text(size, sizes))
+    os.replace(path + ".tmp", path)
+
+
 def make_synthetic(out_dir: str, num: int, seed: int = 0, num_test: int | None = None, size: int = 96,
-                   shard_size: int = 1000, workers: int = 1, progress: bool = True) -> dict[str, PrepResult]:
-    """Write all three splits and shard them. Returns ``{split: PrepResult}``."""
+                   shard_size: int = 1000, workers: int = 1, progress: bool = True,
+                   sizes=None) -> dict[str, PrepResult]:
+    """Write all three splits and shard them. Returns ``{split: PrepResult}``.
+
+    ``sizes``: render each image at a side drawn (seeded, per image) from this list instead of ``size``."""
     from .shards import PrepError, state_changes
 
     if num < 1:
         raise PrepError(f"--num must be >= 1, got {num}")
     if size < 24:
         raise PrepError(f"--size must be >= 24 pixels, got {size}")
+    if sizes is not None:
+        sizes = [int(s) for s in sizes]
+        if not sizes:
+            raise PrepError("--sizes must name at least one size")
+        if min(sizes) < 24:
+            raise PrepError(f"--sizes must all be >= 24 pixels, got {','.join(map(str, sizes))}")
     counts = {"caption": num, "instruct": num, "compositional": num_test if num_test is not None else max(1, num // 4)}
     results = {}
     for split in SPLITS:
-        path, changed = _write_split_json(out_dir, split, counts[split], seed, size)
+        path, changed = _write_split_json(out_dir, split, counts[split], seed, size, sizes)
         shards = os.path.join(out_dir, split, "shards")
         images = os.path.join(out_dir, split, "images")
         if os.path.isdir(shards) and (changed or state_changes(shards, path, images, shard_size)):
             shutil.rmtree(shards)  # other seed/num/size/rules: old shards are stale (synth owns the folder)
+        _write_render(out_dir, split, size, sizes)
         results[split] = prepare_llava(path, os.path.join(out_dir, split, "images"), os.path.join(out_dir, split, "shards"),
                                        shard_size=shard_size, workers=workers, progress=progress)
     return results

@@ -209,3 +209,39 @@ def test_synth_deterministic_and_layout(tmp_path):
     assert small == big[:4]
     assert (tmp_path / "d" / "caption" / "images" / "0000001.png").read_bytes() == \
         (tmp_path / "a" / "caption" / "images" / "0000001.png").read_bytes()
+
+
+def test_synth_sizes_mixes_image_sizes(tmp_path, capsys):
+    """--sizes draws each image's side from the list (seeded); the records are those of a --size run,
+    shards verify, and a rerun with other sizes re-renders and re-shards."""
+    args = ["synth", "--num", "8", "--num-test", "4", "--shard-size", "3", "--seed", "1", "--quiet"]
+    assert cli(args + ["--out", str(tmp_path / "a"), "--sizes", "56,84"]) == 0
+    assert cli(args + ["--out", str(tmp_path / "b"), "--sizes", "56,84"]) == 0
+    assert cli(args + ["--out", str(tmp_path / "one")]) == 0  # the default --size 96
+    seen = set()
+    for split in ("caption", "instruct", "compositional"):
+        images = sorted((tmp_path / "a" / split / "images").iterdir())
+        sizes = {p.name: Image.open(p).size for p in images}
+        assert set(sizes.values()) <= {(56, 56), (84, 84)}
+        seen |= set(sizes.values())
+        assert verify_dir(str(tmp_path / "a" / split / "shards"))[0] == []
+        # deterministic: same seed, same sizes and bytes
+        for p in images:
+            assert p.read_bytes() == (tmp_path / "b" / split / "images" / p.name).read_bytes()
+        # the scenes and texts are those of the single-size run
+        assert (tmp_path / "a" / split / "data.json").read_text() == (tmp_path / "one" / split / "data.json").read_text()
+        assert {Image.open(p).size for p in (tmp_path / "one" / split / "images").iterdir()} == {(96, 96)}
+    assert seen == {(56, 56), (84, 84)}
+    # the shards hold the images: some sample images differ in size from the 96 px run's
+    before = json.loads((tmp_path / "a" / "caption" / "shards" / MANIFEST).read_text())["shards"]
+    assert before != json.loads((tmp_path / "one" / "caption" / "shards" / MANIFEST).read_text())["shards"]
+    # rerun in place with one size: every image re-rendered, every split re-sharded (data.json is unchanged)
+    assert cli(args + ["--out", str(tmp_path / "a"), "--size", "96"]) == 0
+    for split in ("caption", "instruct", "compositional"):
+        assert (tmp_path / "a" / split / "shards" / MANIFEST).read_text().replace("/a/", "/one/") == \
+            (tmp_path / "one" / split / "shards" / MANIFEST).read_text()
+    capsys.readouterr()
+    assert cli(args + ["--out", str(tmp_path / "c"), "--sizes", "56,84", "--size", "56"]) == 2
+    assert cli(args + ["--out", str(tmp_path / "c"), "--sizes", "56,x"]) == 2
+    assert cli(args + ["--out", str(tmp_path / "c"), "--sizes", "56,12"]) == 2
+    assert "error" in capsys.readouterr().err
