@@ -214,3 +214,18 @@ def test_teacher_engine_only_when_a_loss_term_reads_it(tmp_path):
         cfg = load_config(p, ["loss.kd_weight=0", "loss.attn_weight=0"], stage=stage)
         assert cfg.model.teacher is not None and not cfg.runs_teacher()
     assert not load_config(p, ["model.teacher=null"], stage=2).runs_teacher()
+
+
+def test_one_validation_pass_reports_every_problem(tmp_path):
+    """Problems in several sections (a type, a value, an unknown key, a missing path) come back in
+    one ConfigError, a line each, each naming its key."""
+    p = _write_yaml(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["run.steps=abc", "deepspeed.lr=-1", "loss.kd_kind=kl", "data.batch_size=0",
+                        "model.lora_rr=4"], stage=3)
+    lines = str(e.value).splitlines()
+    for key in ("run.steps", "deepspeed.lr", "loss.kd_kind", "data.batch_size", "model.lora_rr"):
+        assert sum(line.startswith(key + ":") for line in lines) == 1, (key, lines)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["model.student=/does/not/exist", "deepspeed.config=/does/not/exist.json"], stage=3)
+    assert "model.student" in str(e.value) and "deepspeed.config" in str(e.value)
