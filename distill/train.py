@@ -28,19 +28,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
+from distill import engine as E
+from distill import models as M
+from distill.attention import right_padded
+from distill.checkpoint import CheckpointError, CheckpointManager
 from distill.config import ConfigError, TrainConfig, config_to_dict, load_config
-
-if TYPE_CHECKING:
-    from distill.checkpoint import CheckpointManager
-    from distill.data import BatchStream, PlaceholderImage
-    from distill.engine import DistInfo, Engines
-    from distill.metrics import Logger
-    from distill.objective import DistillObjective
+from distill.data import (BatchStream, DataConfigError, PlaceholderImage, add_placeholder_image, build_loader,
+                          count_targets, to_device)
+from distill.engine import DistInfo, Engines
+from distill.metrics import Logger, peak_accelerator_mb, peak_rss_mb
+from distill.objective import DistillObjective
 
 LOSS_TERMS = ("loss", "lm", "kd", "attn")
 EXIT_CONFIG = 2
@@ -118,14 +120,10 @@ class Run:
     # distill.data collates right-padded batches (placeholder rows too): say so, so the attention
     # mask function needs no host sync to find it out on every forward
     def student_fn(self, **kw):
-        from distill.attention import right_padded
-
         with right_padded():
             return self.engines.student(**kw)
 
     def teacher_fn(self, **kw):  # DistillObjective runs it under torch.no_grad()
-        from distill.attention import right_padded
-
         with right_padded():
             return self.engines.teacher(**kw)
 
@@ -138,9 +136,6 @@ def _stream(cfg: TrainConfig, processor, dist_info):
     served (too few or unreadable shards, max_length below the image tokens, ...) on any rank is a
     ConfigError on every rank, with the failing ranks' messages; any other failure stops every rank
     too (a rank that failed alone would leave the others hanging in the first collective)."""
-    from distill import engine as E
-    from distill.data import BatchStream, DataConfigError, build_loader
-
     rank, stream, error, cause = dist_info.rank, None, None, None
     try:
         stream = BatchStream(build_loader(cfg.data, processor, rank=rank, world_size=dist_info.world_size,
@@ -161,18 +156,15 @@ def _stream(cfg: TrainConfig, processor, dist_info):
 def _engines(cfg: TrainConfig, dist_info, use_teacher: bool):
     """The stage's DeepSpeed engines: the student from ``model.student`` (adapter fetch as
     configured, trainable parts by config) and, with ``use_teacher``, the frozen ZeRO-3 teacher."""
-    from distill import engine as E
-    from distill.models import build_student, build_teacher, select_trainable, text_hidden_size
-
     mcfg, dtype = cfg.model, cfg.model.torch_dtype
     return E.build_engines(
         cfg, dist_info,
-        make_student=lambda: build_student(mcfg.student, teacher_path=mcfg.teacher,
+        make_student=lambda: M.build_student(mcfg.student, teacher_path=mcfg.teacher,
                                            adapter_fetch=mcfg.adapter_fetch, dtype=dtype),
-        student_hidden=text_hidden_size(mcfg.student),
-        make_teacher=(lambda: build_teacher(mcfg.teacher, dtype=dtype)) if use_teacher else None,
-        teacher_hidden=text_hidden_size(mcfg.teacher) if use_teacher else None,
-        select_trainable=lambda m: select_trainable(m, mcfg),
+        student_hidden=M.text_hidden_size(mcfg.student),
+        make_teacher=(lambda: M.build_teacher(mcfg.teacher, dtype=dtype)) if use_teacher else None,
+        teacher_hidden=M.text_hidden_size(mcfg.teacher) if use_teacher else None,
+        select_trainable=lambda m: M.select_trainable(m, mcfg),
     )
 
 
@@ -180,15 +172,6 @@ def setup(cfg: TrainConfig) -> Run:
     """Process group, seeds, data stream (before any weights), engines, objective, checkpoints and
     resume, metrics logger. Collective: every rank calls it. The teacher engine is built only when
     a loss term reads the teacher (:meth:`TrainConfig.runs_teacher`)."""
-    from transformers import AutoConfig
-
-    from distill import engine as E
-    from distill.checkpoint import CheckpointManager
-    from distill.data import PlaceholderImage
-    from distill.metrics import Logger
-    from distill.models import image_token_id, load_processor
-    from distill.objective import DistillObjective
-
     dist_info = E.init_distributed(cfg.deepspeed.timeout_min)
     rank = dist_info.rank
     seed_everything(cfg.run.seed + rank)
@@ -197,8 +180,8 @@ def setup(cfg: TrainConfig) -> Run:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"config_stage{cfg.stage}.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     student = cfg.model.student
-    processor = load_processor(student)
-    tid = image_token_id(AutoConfig.from_pretrained(student), f"model.student: {student}/config.json")
+    processor = M.load_processor(student)
+    tid = M.image_token_id(AutoConfig.from_pretrained(student), f"model.student: {student}/config.json")
     placeholder = PlaceholderImage.from_processor(processor, tid)
     stream = _stream(cfg, processor, dist_info)
     engines = _engines(cfg, dist_info, cfg.runs_teacher())
@@ -225,9 +208,6 @@ def train_step(run: Run, micro_batches: list[dict]) -> bool:
     """One optimizer step over this rank's host micro-batches; adds to ``run.window``. No host
     sync. Returns whether DeepSpeed applied the update (False: non-finite gradient norm, the same
     decision on every rank)."""
-    from distill import engine as E
-    from distill.data import add_placeholder_image, count_targets, to_device
-
     eng, dev, dtype = run.engines, run.dist.device, run.cfg.model.torch_dtype
     real_samples = sum(int(mb["input_ids"].shape[0]) for mb in micro_batches)  # host ints, before placeholders
     # non-padding input tokens of the real rows: a sum over host (CPU) tensors, no device sync
@@ -287,9 +267,6 @@ def log_window(run: Run, step: int) -> dict:
     - ``skipped_samples``, ``shard_read_errors``, ``truncated_samples``: sums over ranks;
       ``peak_rss_mb`` / ``peak_accelerator_mb``: maxima over ranks.
     """
-    from distill import engine as E
-    from distill.metrics import peak_accelerator_mb, peak_rss_mb
-
     w, dev, stream = run.window, run.dist.device, run.stream
     sums = torch.cat([w.terms, torch.tensor(stream.data_counts(), dtype=torch.float64, device=dev)])
     E.all_reduce_sum(sums)  # loss terms and data counts of every rank, in one collective
@@ -358,9 +335,6 @@ def fit(run: Run) -> Run:
 def finalize(run: Run) -> dict:
     """The end-of-stage checkpoint (unless resumed at the end) and the consolidated 16-bit student
     in ``output_dir/final`` (LoRA merged). Collective. Returns the stage summary."""
-    from distill import engine as E
-    from distill.models import merge_lora_state_dict, save_student_checkpoint
-
     cfg, rank, out_dir = run.cfg, run.dist.rank, run.out_dir
     if run.resumed_from is None or run.start_step < cfg.run.steps:
         run.ckpts.save(run.engines, cfg.run.steps, run.train_state(), {"stage": cfg.stage})
@@ -368,11 +342,11 @@ def finalize(run: Run) -> dict:
     sd = E.consolidated_state_dict(run.engines)  # collective
     if rank == 0:
         if cfg.model.llm == "lora":
-            sd = merge_lora_state_dict(sd, cfg.model.lora_alpha / cfg.model.lora_r)
+            sd = M.merge_lora_state_dict(sd, cfg.model.lora_alpha / cfg.model.lora_r)
         tmp = out_dir / "final.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_student_checkpoint(tmp, run.engines.student_model, run.processor, state_dict=sd)
+        M.save_student_checkpoint(tmp, run.engines.student_model, run.processor, state_dict=sd)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -402,11 +376,9 @@ def parse_args(argv):
 
 def preflight(cfg: TrainConfig):
     """Config-only checks of the model folders (no weights read)."""
-    from distill.models import check_pair, is_student_checkpoint
-
     if cfg.model.teacher is not None:
-        check_pair(cfg.model.student, cfg.model.teacher,
-                   adapter_fetch=cfg.model.adapter_fetch and not is_student_checkpoint(cfg.model.student))
+        M.check_pair(cfg.model.student, cfg.model.teacher,
+                   adapter_fetch=cfg.model.adapter_fetch and not M.is_student_checkpoint(cfg.model.student))
 
 
 def main(stage: int, argv: list[str] | None = None) -> int:
@@ -414,13 +386,10 @@ def main(stage: int, argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from distill.checkpoint import CheckpointError
-    from distill.models import ModelConfigError
-
     try:
         cfg = load_config(args.config, args.overrides, stage=stage)
         preflight(cfg)
-    except (ConfigError, ModelConfigError) as e:
+    except (ConfigError, M.ModelConfigError) as e:
         # once per node (a path missing on one node fails only that node's ranks)
         if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))) == 0:
             print(f"config error: {e}", file=sys.stderr)
@@ -431,7 +400,7 @@ def main(stage: int, argv: list[str] | None = None) -> int:
     except NonFiniteAbort as e:
         print(f"[distill] {e}", file=sys.stderr)
         return EXIT_NONFINITE
-    except (ConfigError, ModelConfigError, CheckpointError) as e:
+    except (ConfigError, M.ModelConfigError, CheckpointError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
