@@ -178,3 +178,15 @@ def test_cli_rejects_llava_only_options(tmp_path):
         main(["--family", "qwen2_5_vl", "--out", str(tmp_path), "--preset", "real"])
     with pytest.raises(SystemExit):
         main(["--family", "nope", "--out", str(tmp_path)])
+
+
+def test_load_processor_without_distill_file_and_for_llava(pairs, tiny_models, tmp_path):
+    """load_processor reads the class from processor_config.json (any such folder, not only ours), and
+    leaves processors without a video processor (LLaVA) to AutoProcessor."""
+    import shutil
+
+    folder = tmp_path / "qwen"
+    shutil.copytree(pairs["qwen2_5_vl"].student, folder)
+    (folder / tf.FAMILY_FILE).unlink()
+    assert type(tf.load_processor(folder)).__name__ == "Qwen2_5_VLProcessor"
+    assert type(tf.load_processor(tiny_models.student)).__name__ == "LlavaProcessor"

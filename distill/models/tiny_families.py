@@ -13,14 +13,16 @@ so a batch holds samples with different visual-token counts:
 family                classes (model / processor / image processor)    image tokens, 56 / 112 px
 ====================  ===============================================  ==========================
 ``qwen2_5_vl``        Qwen2_5_VLForConditionalGeneration /             4 / 16
-                      Qwen2_5_VLProcessor / Qwen2VLImageProcessor      (patch 14, merge 2)
+                      Qwen2_5_VLProcessor / Qwen2VLImageProcessor      (patch 14, merge 2,
+                                                                       28x28 .. 112x112 px)
 ``llava_onevision``   LlavaOnevisionForConditionalGeneration /         88 / 172
                       LlavaOnevisionProcessor /                        (SigLIP 32 px, patch 8,
                       LlavaOnevisionImageProcessor                     AnyRes 1x1 .. 3x3 tiles)
 ``internvl``          InternVLForConditionalGeneration /               20 / 40
                       InternVLProcessor / GotOcr2ImageProcessor        (28 px tiles: 1+4 / 1+9)
 ``qwen3_vl``          Qwen3VLForConditionalGeneration /                4 / 16
-                      Qwen3VLProcessor / Qwen2VLImageProcessor         (patch 16, merge 2)
+                      Qwen3VLProcessor / Qwen2VLImageProcessor         (patch 16, merge 2,
+                                                                       32x32 .. 128x128 px)
 ====================  ===============================================  ==========================
 
 Both folders of a pair share the tokenizer (the offline BPE of :func:`distill.models.tiny.
@@ -32,9 +34,21 @@ student's uses grouped-query attention (hidden 64, 4 layers, 4 query heads, 2 KV
 have head dim 16. The teacher's vocabulary is padded up to a multiple of 64 (extra rows only),
 the student's is the tokenizer's exact size, as in :mod:`distill.models.tiny`.
 
-Each folder also holds ``distill_family.json``: the family, its image-token id, and
-``batch_keys``, the processor outputs beyond ``input_ids``/``attention_mask`` that the model's
-forward needs for the images (e.g. ``image_grid_thw`` for Qwen, ``image_sizes`` for OneVision).
+Each folder also holds ``distill_family.json``: the family, its image-token id, what the chat
+template writes for an image (``image_text``, the stand-in for LLaVA's ``<image>`` in string
+content), and ``batch_keys``, the processor outputs beyond ``input_ids``/``attention_mask`` that
+the model's forward needs for the images. Their layouts (B samples, one image each):
+
+- Qwen2.5-VL / Qwen3-VL: ``pixel_values`` ``[sum of patches over the batch's images, 3*2*p*p]``
+  (concatenated, not stacked), ``image_grid_thw`` ``[images, 3]``, ``mm_token_type_ids``
+  ``[B, T]`` (1 at image tokens; without it the model silently uses 1-D positions instead of
+  M-RoPE, so a batch must carry it, padded like ``input_ids``).
+- LLaVA-OneVision: ``pixel_values`` ``[images, max tiles, 3, 32, 32]`` (zero tiles pad the
+  shorter), ``image_sizes`` ``[images, 2]`` (original height, width), ``batch_num_images`` ``[B]``
+  (1: AnyRes tiling; more images in one sample are not tiled). Image-newline rows count as image
+  tokens (they are ``image_token_id`` positions).
+- InternVL: ``pixel_values`` ``[sum of tiles, 3, 28, 28]`` (concatenated); ``<img>``/``</img>``
+  around each image's context tokens are not image tokens.
 
 *torchvision*: in transformers 5 every one of these processor classes holds a video processor,
 and video processors exist only where torchvision imports. Where it does not (this project's CPU
@@ -42,7 +56,11 @@ install), ``AutoProcessor.from_pretrained`` cannot build any of them. The folder
 the same either way (byte-identical, so nothing depends on what is installed), and
 :func:`load_processor` loads the stock processor class from a folder in both cases: through
 ``AutoProcessor`` where torchvision imports, else with ``video_processor=None`` (images and text
-go through the stock code unchanged; only videos are unavailable).
+go through the stock code unchanged; only videos are unavailable). The image processors are
+saved from their PIL backends (``*ImageProcessorPil``; the config names the plain class), so
+``AutoProcessor`` with torchvision builds the torchvision backend: same token ids, pixel values
+equal to ~1e-7 on the test images (checked with torch 2.14.1 + torchvision 0.29.1, where the
+written folders are byte-identical to this install's).
 """
 
 from __future__ import annotations
@@ -279,20 +297,33 @@ def save_processor(family: str, tokenizer, image_proc, out: Path) -> None:
 
 def load_processor(folder: str | os.PathLike):
     """The folder's stock processor: ``AutoProcessor.from_pretrained`` where torchvision imports, else the
-    same class from the folder's tokenizer, image processor and chat template with ``video_processor=None``."""
+    same class (named by ``processor_config.json``, or the tokenizer config) built from the folder's
+    tokenizer, image processor, chat template and processor settings, with ``video_processor=None``.
+
+    Works for any processor folder whose class holds a video processor (these families' real
+    checkpoints too), not only for the ones written here."""
+    import inspect
+
+    import transformers
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     folder = Path(folder)
     if torchvision_ok():
         return AutoProcessor.from_pretrained(folder)
-    proc_cfg = json.loads((folder / "processor_config.json").read_text(encoding="utf-8"))
-    family = family_info(folder)["family"]
+    cfg_path = folder / "processor_config.json"
+    proc_cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    image_proc = AutoImageProcessor.from_pretrained(folder)
-    kwargs = {k: proc_cfg[k] for k in processor_kwargs(family) if k in proc_cfg}
-    cls = _without_video(_processor_class(family))
-    template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    return cls(image_processor=image_proc, tokenizer=tokenizer, video_processor=None, chat_template=template, **kwargs)
+    name = proc_cfg.get("processor_class") or tokenizer.init_kwargs.get("processor_class")
+    base = getattr(transformers, name, None) if name else None
+    if base is None or "video_processor" not in base.get_attributes():
+        return AutoProcessor.from_pretrained(folder)  # no video processor: the stock path works as it is
+    params = inspect.signature(base.__init__).parameters
+    kwargs = {k: v for k, v in proc_cfg.items()
+              if k in params and k not in ("image_processor", "tokenizer", "video_processor", "chat_template")}
+    template = folder / "chat_template.jinja"
+    chat = template.read_text(encoding="utf-8") if template.exists() else tokenizer.chat_template
+    return _without_video(base)(image_processor=AutoImageProcessor.from_pretrained(folder), tokenizer=tokenizer,
+                                video_processor=None, chat_template=chat, **kwargs)
 
 
 def family_info(folder: str | os.PathLike) -> dict:
