@@ -37,6 +37,7 @@ __all__ = [
     "all_reduce_sum",
     "all_reduce_max",
     "barrier",
+    "shutdown",
     "save_engine_checkpoint",
     "load_engine_checkpoint",
     "consolidated_state_dict",
@@ -134,6 +135,12 @@ def init_distributed(timeout_min: int = 30) -> DistInfo:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown():
+    """Destroy the process group, if there is one (the end of a run, failed or not)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,7 @@ class DistillObjective:
             raise ValueError(
                 "loss.kd_weight/attn_weight > 0 need a teacher model; set them to 0 or give model.teacher"
             )
+        self.teacher_model = teacher_model
         install(student_model, loss_cfg.backend)
         if teacher_model is not None:
             install(teacher_model, loss_cfg.backend)
@@ -135,7 +136,8 @@ class DistillObjective:
 
         Args:
             student_fn / teacher_fn: callables taking the model inputs (HF model or DeepSpeed
-                engine); ``teacher_fn`` may be ``None`` only when kd/attn weights are 0.
+                engine); ``teacher_fn=None`` calls the teacher model given at construction
+                (which ``__init__`` requires when a kd/attn weight is > 0).
             batch: ``input_ids [B,T]``, ``attention_mask [B,T]`` (right padding), ``labels [B,T]``
                 (unshifted, -100 ignored), ``pixel_values`` or None, ``has_image [B]``,
                 ``vis_pos [B,n]``; optional ``num_targets``: Python int, ``(labels[:, 1:] != -100).sum()``
@@ -154,8 +156,8 @@ class DistillObjective:
         cfg = self.cfg
         inputs = self._inputs(batch)
         labels = batch["labels"]
-        if cfg.needs_teacher() and teacher_fn is None:
-            raise ValueError("loss.kd_weight/attn_weight > 0 but no teacher_fn was given")
+        if teacher_fn is None:
+            teacher_fn = self.teacher_model
         vis_pos = batch.get("vis_pos")
         key_len = batch.get("vis_key_len")  # host int from collate: bounds the capture op's key loops
         has_image = batch.get("has_image")

@@ -394,6 +394,11 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))) == 0:
             print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    return _train_and_exit_code(cfg)
+
+
+def _train_and_exit_code(cfg: TrainConfig) -> int:
+    """:func:`train` with its failures as exit codes; the process group is torn down either way."""
     try:
         train(cfg)
         return 0
@@ -404,7 +409,4 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        E.shutdown()
