@@ -202,6 +202,8 @@ class DeepSpeedConfig:
 
 @dataclass
 class DataConfig:
+    """What the streaming loader (:func:`distill.data.build_loader`) reads and how it batches."""
+
     shards: list[str] = field(default_factory=list, metadata={"path": True})
     """Shard sources: directories holding ``manifest.json`` (from ``python -m data_prep``), manifest
     files, ``.tar`` paths or brace patterns (``/data/shard-{000000..000127}.tar``). A single string
@@ -370,7 +372,8 @@ class TrainConfig:
         return STAGES[self.stage]
 
     def needs_teacher(self) -> bool:
-        """True when the stage's recipe or its loss weights need teacher outputs."""
+        """True when ``model.teacher`` must be given: the stage's recipe (1, 3) distils from a
+        teacher, or a teacher loss weight is > 0. Whether one is loaded: :meth:`runs_teacher`."""
         return self.stage in TEACHER_STAGES or self.loss.needs_teacher()
 
     def runs_teacher(self) -> bool:
