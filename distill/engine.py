@@ -246,10 +246,40 @@ def student_ds_config(cfg: TrainConfig, hidden_size: int, world_size: int) -> di
 
     opt = out.get("optimizer")
     offloaded = "offload_optimizer" in zero
-    if opt is not None and get_accelerator().device_name() == "cpu" and not offloaded:
-        # No fused CUDA Adam on CPU: use torch's AdamW (same update).
-        opt.setdefault("params", {})["torch_adam"] = True
+    if opt is not None and not offloaded and str(opt.get("type", "")).lower() in ("adam", "adamw"):
+        params = opt.setdefault("params", {})
+        if get_accelerator().device_name() == "cpu":
+            params["torch_adam"] = True  # no fused CUDA Adam on CPU: torch's AdamW (same update)
+        elif "torch_adam" not in params:  # the JSON did not choose: fused when it can be had
+            ok, why = fused_adam_status()
+            if not ok:
+                params["torch_adam"] = True
+                if int(os.environ.get("RANK", 0)) == 0:
+                    print(f"[distill] {why}: the student uses torch.optim.AdamW (same update, unfused). For "
+                          "DeepSpeed's FusedAdam install deepspeed with DS_BUILD_FUSED_ADAM=1, or provide nvcc "
+                          "and ninja; set optimizer.params.torch_adam in deepspeed.config to choose yourself.",
+                          flush=True)
     return out
+
+
+def fused_adam_status() -> tuple[bool, str]:
+    """Whether DeepSpeed's CUDA FusedAdam is prebuilt or can be JIT-built here (nvcc and ninja),
+    and why not. A deepspeed built without ops (``DS_BUILD_OPS=0``) on a machine without the CUDA
+    compiler would otherwise fail inside ``deepspeed.initialize`` with a compiler traceback."""
+    import shutil
+
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError as e:
+        return False, f"deepspeed's build info is unreadable ({e})"
+    if installed_ops.get("fused_adam"):
+        return True, "FusedAdam is prebuilt"
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    nvcc = shutil.which("nvcc") or next((str(c) for c in [Path(cuda_home, "bin", "nvcc")] if c.exists()), None)
+    if nvcc and shutil.which("ninja"):
+        return True, f"FusedAdam is JIT-built with {nvcc}"
+    missing = " and ".join(m for m, have in (("nvcc", nvcc), ("ninja", shutil.which("ninja"))) if not have)
+    return False, f"deepspeed has no prebuilt FusedAdam and this machine lacks {missing} to build it"
 
 
 def teacher_ds_config(cfg: TrainConfig, hidden_size: int, world_size: int) -> dict:

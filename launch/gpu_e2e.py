@@ -94,21 +94,6 @@ def deepspeed_cmd() -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def fused_adam_buildable() -> tuple[bool, str]:
-    """Whether DeepSpeed's CUDA FusedAdam is prebuilt or can be JIT-built here (nvcc + ninja)."""
-    try:
-        from deepspeed.git_version_info import installed_ops
-    except ImportError as e:
-        return False, f"deepspeed not importable: {e}"
-    if installed_ops.get("fused_adam"):
-        return True, "fused_adam prebuilt"
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    nvcc = shutil.which("nvcc") or (Path(cuda_home, "bin", "nvcc") if Path(cuda_home, "bin", "nvcc").exists() else None)
-    if nvcc and shutil.which("ninja"):
-        return True, f"fused_adam JIT-built with {nvcc}"
-    return False, "deepspeed was built without ops and this machine has no nvcc/ninja to JIT-build FusedAdam"
-
-
 def text_params(folder: Path) -> int:
     """Parameters of the folder's text decoder + lm_head, embeddings excluded (counted on meta)."""
     import torch
@@ -147,11 +132,6 @@ def stage_config(args, work: Path, models: Path, shards: Path) -> Path:
         "deepspeed": {"zero_stage": 3, "grad_accum": args.grad_accum, "lr": 1e-5, "warmup_steps": 2,
                       "grad_clip": 1.0},
     }
-    if args.torch_adam:  # DeepSpeed's fused CUDA Adam cannot be built here: torch's AdamW (same update)
-        ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
-        ds["optimizer"]["params"]["torch_adam"] = True
-        (work / "zero3_torch_adam.json").write_text(json.dumps(ds, indent=2))
-        cfg["deepspeed"]["config"] = str(work / "zero3_torch_adam.json")
     path = work / "stage3.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -284,12 +264,12 @@ def main(argv=None) -> int:
     if dry:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     device_name = "cpu" if dry else torch.cuda.get_device_name(0)
-    args.torch_adam = False
-    optimizer = "torch AdamW (CPU accelerator)" if dry else ""
-    if not dry:
-        ok, why = fused_adam_buildable()
-        args.torch_adam = not ok
-        optimizer = f"DeepSpeed FusedAdam ({why})" if ok else f"torch AdamW via torch_adam ({why})"
+    optimizer = "torch AdamW (CPU accelerator)"
+    if not dry:  # what distill.engine will choose for the student (it falls back when FusedAdam cannot build)
+        from distill.engine import fused_adam_status
+
+        ok, why = fused_adam_status()
+        optimizer = f"DeepSpeed FusedAdam ({why})" if ok else f"torch AdamW ({why})"
     report = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "dry_run": dry, "device": device_name,
                        "torch": torch.__version__, "python": sys.version.split()[0], "optimizer": optimizer,
                        "args": {k: v for k, v in vars(args).items()}},

@@ -229,3 +229,46 @@ def test_one_validation_pass_reports_every_problem(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(p, ["model.student=/does/not/exist", "deepspeed.config=/does/not/exist.json"], stage=3)
     assert "model.student" in str(e.value) and "deepspeed.config" in str(e.value)
+
+
+def test_student_adam_on_cuda_falls_back_to_torch_adam_when_fused_cannot_build(tmp_path, monkeypatch, capsys):
+    """On a CUDA accelerator the student keeps DeepSpeed's FusedAdam when it is prebuilt or
+    JIT-buildable; a deepspeed built without ops on a machine without nvcc gets torch's AdamW
+    (and says why) instead of a compiler traceback inside deepspeed.initialize; a JSON that sets
+    torch_adam itself is left alone."""
+    import types
+
+    import deepspeed.accelerator
+    import deepspeed.git_version_info
+    import shutil
+
+    from distill import engine
+    from distill.engine import fused_adam_status, student_ds_config
+
+    p = _write_yaml(tmp_path)
+    cfg = load_config(p, [], stage=3)
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: types.SimpleNamespace(device_name=lambda: "cuda"))
+    monkeypatch.setattr(engine, "fused_adam_status", lambda: (False, "no FusedAdam here"))
+    s = student_ds_config(cfg, 64, 1)
+    assert s["optimizer"]["params"]["torch_adam"] is True
+    assert "no FusedAdam here" in capsys.readouterr().out
+    monkeypatch.setattr(engine, "fused_adam_status", lambda: (True, "prebuilt"))
+    assert "torch_adam" not in student_ds_config(cfg, 64, 1)["optimizer"]["params"]
+    custom = tmp_path / "own.json"
+    ds = json.loads((engine.ds_configs_dir() / "zero3.json").read_text())
+    ds["optimizer"]["params"]["torch_adam"] = False
+    custom.write_text(json.dumps(ds))
+    monkeypatch.setattr(engine, "fused_adam_status", lambda: (False, "no FusedAdam here"))
+    own = student_ds_config(load_config(p, [f"deepspeed.config={custom}"], stage=3), 64, 1)
+    assert own["optimizer"]["params"]["torch_adam"] is False
+
+    # the probe itself: prebuilt op; no op and no compiler; no op but nvcc + ninja
+    monkeypatch.setattr(deepspeed.git_version_info, "installed_ops", {"fused_adam": True})
+    assert fused_adam_status()[0] is True
+    monkeypatch.setattr(deepspeed.git_version_info, "installed_ops", {"fused_adam": False})
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    ok, why = fused_adam_status()
+    assert not ok and "nvcc and ninja" in why
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert fused_adam_status() == (True, "FusedAdam is JIT-built with /usr/bin/nvcc")
