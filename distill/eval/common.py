@@ -183,12 +183,12 @@ def model_device(model) -> torch.device:
 
 def image_token_id(model) -> int:
     """The id of the image placeholder token, from the model config (never a hard-coded value)."""
-    tid = getattr(model.config, "image_token_id", None)
-    if tid is None:
-        tid = getattr(model.config, "image_token_index", None)
-    if tid is None:
-        raise EvalDataError("model config has no image_token_id; is this a LLaVA-style model?")
-    return int(tid)
+    from distill.models import ModelConfigError, image_token_id as config_image_token_id
+
+    try:
+        return config_image_token_id(model.config)
+    except ModelConfigError as e:
+        raise EvalDataError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------------------------
