@@ -439,11 +439,79 @@ def _profiles(s: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> tuple[tor
     return torch.where(keep, s, zero).sum(-2) / denom, torch.where(keep, t, zero).sum(-2) / denom
 
 
+def _block_ids(b: int, n: int, device, counts, image_ids) -> torch.Tensor | None:
+    """[B, n] long block id of each visual token (-1: padding), or None (every map one full block)."""
+    if counts is not None and image_ids is not None:
+        raise ValueError("give counts or image_ids, not both")
+    if counts is not None:
+        if counts.shape != (b,):
+            raise ValueError(f"counts must be [B]={b} long, got shape {tuple(counts.shape)}")
+        pos = torch.arange(n, device=device)
+        return torch.where(pos[None, :] < counts.to(device)[:, None], 0, -1)
+    if image_ids is not None:
+        if image_ids.shape != (b, n):
+            raise ValueError(f"image_ids must be [B, n]=({b}, {n}) long, got shape {tuple(image_ids.shape)}")
+        return image_ids.to(device=device, dtype=torch.long)
+    return None
+
+
+def _block_sum(x: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """For each token i, the sum of ``x`` over the tokens of i's block: [L,B,n] -> [L,B,n]
+    (0 for padding tokens). ``same`` [B,n,n] bool: tokens i and j are in one (real) block.
+    A masked sum, not a matmul, so TF32 settings never touch it and it is deterministic."""
+    return torch.where(same, x[..., None, :], x.new_zeros(())).sum(-1)
+
+
+def _ragged_per(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, kind: str, eps: float):
+    """Per (layer, sample) loss over the blocks given by ``ids`` [B, n] (see
+    :func:`attention_alignment_loss`): (per [L, B] fp32, has_block [B] bool)."""
+    n = s.shape[-1]
+    real = ids >= 0  # (B, n)
+    same = (ids[:, :, None] == ids[:, None, :]) & real[:, :, None]  # (B, n, n), symmetric
+    tri = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
+    # first token of each block: no earlier token (j < i) of the same block
+    first = real & ~(same & tri.tril(-1)).any(-1)  # (B, n)
+    zero = s.new_zeros(())
+    if kind == "kl":
+        s_in, t_in = torch.where(same, s, zero), torch.where(same, t, zero)
+        ps = s_in / s_in.sum(-1, keepdim=True).clamp(min=eps)
+        pt = t_in / t_in.sum(-1, keepdim=True).clamp(min=eps)
+        term = pt * (torch.log(pt.clamp(min=eps)) - torch.log(ps.clamp(min=eps)))
+        rows = torch.where(same, term, zero).sum(-1)  # (L, B, n): KL of row i over its block's keys
+        has = (t_in.sum(-1) > 0) & real  # (L, B, n)
+        num = _block_sum(torch.where(has, rows, zero), same)
+        den = _block_sum(has.float(), same)
+        val = num / den.clamp(min=1.0)  # (L, B, n): the block's mean over rows with mass
+    else:
+        if kind == "filtered_cosine":
+            ent = same.sum(-1).float().square()  # (B, n): n_k^2 entries of token i's block
+            thr = []
+            for x in (s.detach(), t.detach()):
+                tot = _block_sum(torch.where(same, x, zero).sum(-1), same)  # (L, B, n) block totals
+                mean = tot / ent  # row i: the mean of its block (NaN on padding rows: never used)
+                dev = torch.where(same, (x - mean[..., None]).square(), zero).sum(-1)
+                var = _block_sum(dev, same) / (ent - 1.0)  # unbiased; 0/0 = NaN for a 1-token block, as torch.std
+                thr.append((mean + var.sqrt())[..., None])  # (L, B, n, 1): row i's block threshold
+            keep = same & (s <= thr[0]) & (t <= thr[1]) & (t != 0)
+        else:
+            keep = (same & tri).expand_as(s)
+        prof_s, prof_t = _profiles(s, t, keep)  # (L, B, n); column j only sees rows of its block
+        # token j: cosine of its block's profiles (zeros outside the block), torch's own cosine
+        cos = F.cosine_similarity(torch.where(same, prof_s[..., None, :], zero),
+                                  torch.where(same, prof_t[..., None, :], zero), dim=-1, eps=eps)
+        val = 1.0 - cos  # (L, B, n)
+    nblk = first.sum(-1)  # (B,) images (blocks) per sample
+    per = torch.where(first, val, zero).sum(-1) / nblk.clamp(min=1).float()  # mean over the sample's blocks
+    return per, nblk > 0
+
+
 def attention_alignment_loss(
     student_maps: torch.Tensor,
     teacher_maps: torch.Tensor,
     valid: torch.Tensor | None = None,
     *,
+    counts: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
     kind: str = "filtered_cosine",
     reduction: str = "mean",
     eps: float = 1e-8,
@@ -452,22 +520,38 @@ def attention_alignment_loss(
 
     Args:
         student_maps, teacher_maps: [L, B, n, n] visual attention (rows: visual queries,
-            cols: visual keys; zeros above the causal diagonal).
+            cols: visual keys; zeros above the causal diagonal). With ragged samples ``n`` is
+            ``n_max`` and padding rows / columns hold anything (zeros from the capture op): they
+            never enter.
         valid: [B] bool; samples without an image are dropped from the sum and the count.
-        kind:
-            ``filtered_cosine`` (CompoDistill, default): per (layer, sample) map, m = mean and
-            s = unbiased std over all n*n entries (the causal zeros included); keep entry (i, j)
-            iff student <= m_s + s_s and teacher <= m_t + s_t and teacher != 0; the profile of key
-            column j is the mean of its kept entries over i (0 if none); loss term
-            1 - cos(student profile, teacher profile).
-            ``cosine``: the same profiles over every causal entry (i >= j), no filter.
-            ``kl``: each query row renormalised over the visual keys, KL(teacher row || student
-            row) averaged over rows that have mass.
-        reduction: ``mean`` = sum over layers and valid samples / number of valid samples
-            (0 if none); ``sum`` = the numerator only (the caller divides by a global count).
+        counts: optional [B] long, sample b's real visual tokens are indices ``0 .. counts[b]-1``
+            (the rest is padding); its block is ``[:n_b, :n_b]``. Same as ``image_ids`` with
+            ``0`` on real tokens and ``-1`` on padding.
+        image_ids: optional [B, n] long block id of each visual token, ``-1`` for padding: the
+            image a token belongs to (``0, 1, ...`` within the sample). Tokens of one image need
+            not be contiguous, but each image's tokens must be in causal (position) order, as
+            ``vis_pos`` is. ``None`` and ``counts=None``: every map is one full n x n block
+            (the original single-image computation, unchanged bit for bit).
+        kind: per block (one image, n_k tokens, the n_k x n_k sub-map of its own rows and
+            columns; attention to keys of other images or text never enters except through the
+            softmax normaliser the capture already applied):
+            ``filtered_cosine`` (CompoDistill, default): m = mean and s = unbiased std over the
+            block's n_k*n_k entries (the causal zeros included); keep entry (i, j) iff
+            student <= m_s + s_s and teacher <= m_t + s_t and teacher != 0; the profile of key
+            column j is the mean of its kept entries over the block's rows i (0 if none); term
+            1 - cos(student profile, teacher profile) over the block's n_k columns.
+            A 1-token block has a NaN std (as ``torch.std``): nothing is kept and the term is 1.
+            ``cosine``: the same profiles over every causal entry (i >= j) of the block, no filter.
+            ``kl``: each query row renormalised over its block's keys, KL(teacher row || student
+            row) averaged over the block's rows that have mass.
+            A sample's term is the mean of its blocks' terms (each image counts as one
+            single-image sample of the reference would, and a multi-image sample weighs one).
+        reduction: ``mean`` = sum over layers and counted samples / number of counted samples
+            (0 if none), a sample counts when it is valid and has at least one real visual token;
+            ``sum`` = the numerator only (the caller divides by a global count).
 
     Returns:
-        scalar fp32 tensor.
+        scalar fp32 tensor. No host sync and no Python loop over samples.
     """
     if kind not in ATTN_KINDS:
         raise ValueError(f"attention loss kind must be one of {ATTN_KINDS}, got {kind!r}")
@@ -483,13 +567,17 @@ def attention_alignment_loss(
         valid = torch.ones(b, dtype=torch.bool, device=student_maps.device)
     if valid.shape != (b,):
         raise ValueError(f"valid must be [B]={b} bool, got shape {tuple(valid.shape)}")
-    w = valid.to(device=student_maps.device, dtype=torch.float32)
+    ids = _block_ids(b, n, student_maps.device, counts, image_ids)
+    valid = valid.to(device=student_maps.device, dtype=torch.bool)
     if n == 0 or num_l == 0:
         return student_maps.float().sum() * 0.0
 
     s = student_maps.float()
     t = teacher_maps.float()
-    if kind == "kl":
+    if ids is not None:
+        per, has_block = _ragged_per(s, t, ids, kind, eps)
+        valid = valid & has_block
+    elif kind == "kl":
         ps = s / s.sum(-1, keepdim=True).clamp(min=eps)
         pt = t / t.sum(-1, keepdim=True).clamp(min=eps)
         rows = (pt * (torch.log(pt.clamp(min=eps)) - torch.log(ps.clamp(min=eps)))).sum(-1)  # (L, B, n)
@@ -505,7 +593,9 @@ def attention_alignment_loss(
             keep = torch.ones(n, n, dtype=torch.bool, device=s.device).tril().expand_as(s)
         prof_s, prof_t = _profiles(s, t, keep)
         per = 1.0 - F.cosine_similarity(prof_s, prof_t, dim=-1, eps=eps)  # (L, B)
-    total = (per * w).sum()
+    w = valid.float()
+    # torch.where, not a product: a dropped sample's value never reaches the sum (even if NaN)
+    total = torch.where(valid, per, per.new_zeros(())).sum()
     if reduction == "sum":
         return total
     return total / w.sum().clamp(min=1.0)
