@@ -208,30 +208,18 @@ def evaluate_compositional_ab(model, processor, samples, *, batch_size: int = 8,
     """
     check_ab_prompt(prompt)
     ids = letter_token_ids(processor, prompt)
-    pending_imgs, pending_qs, owners = [], [], []
-    got: list[list[list[float]]] = [[] for _ in samples]  # per sample: flat list of (A, B) rows
 
-    def flush(full_only: bool):
-        k = (len(pending_qs) // batch_size) * batch_size if full_only else len(pending_qs)
-        if k == 0:
-            return
-        sc = score_letters(model, processor, pending_imgs[:k], pending_qs[:k], ids, batch_size=batch_size)
-        for o, v in zip(owners[:k], sc.tolist()):
-            got[o].append(v)
-        del pending_imgs[:k], pending_qs[:k], owners[:k]
+    def questions(smp):
+        return [q for neg, _ in smp.negatives
+                for q in (ab_question(prompt, smp.positive, neg), ab_question(prompt, neg, smp.positive))]
 
-    it = samples
-    if progress:
-        from tqdm import tqdm
+    def score(imgs, qs):
+        return score_letters(model, processor, imgs, qs, ids, batch_size=batch_size)
 
-        it = tqdm(samples, desc="compositional (A/B)", unit="sample")
-    for s, smp in enumerate(it):
-        img = smp.image.load()
-        for neg, _ in smp.negatives:
-            for q in (ab_question(prompt, smp.positive, neg), ab_question(prompt, neg, smp.positive)):
-                pending_imgs.append(img), pending_qs.append(q), owners.append(s)
-        flush(full_only=True)
-    flush(full_only=False)
+    from distill.eval.compositional import batched_scores
+
+    got = batched_scores(  # per sample: its (A, B) rows, pos-first then neg-first per negative
+        samples, questions, score, batch_size, progress, "compositional (A/B)")
     letter_scores = [torch.tensor(rows, dtype=torch.float64).reshape(len(smp.negatives), 2, 2)
                      for smp, rows in zip(samples, got)]
     results = ab_accuracy(samples, letter_scores)

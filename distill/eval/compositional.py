@@ -259,6 +259,36 @@ def markdown_table(results: dict, title: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
+def batched_scores(samples: Sequence[CompoSample], texts, score, batch_size: int, progress: bool,
+                   desc: str) -> list[list]:
+    """``score(images, texts) -> tensor [k, ...]`` over every text of ``texts(sample)`` of every
+    sample, in batches of ``batch_size`` (image, text) pairs that may span samples; each sample's
+    image is opened once. Returns, per sample, the rows of its texts in order."""
+    pending_imgs, pending_texts, owners = [], [], []
+    out: list[list] = [[] for _ in samples]
+
+    def flush(full_only: bool):
+        k = (len(pending_texts) // batch_size) * batch_size if full_only else len(pending_texts)
+        if k == 0:
+            return
+        for o, v in zip(owners[:k], score(pending_imgs[:k], pending_texts[:k]).tolist()):
+            out[o].append(v)
+        del pending_imgs[:k], pending_texts[:k], owners[:k]
+
+    it = samples
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(samples, desc=desc, unit="sample")
+    for s, smp in enumerate(it):
+        img = smp.image.load()
+        for text in texts(smp):
+            pending_imgs.append(img), pending_texts.append(text), owners.append(s)
+        flush(full_only=True)
+    flush(full_only=False)
+    return out
+
+
 def evaluate_compositional(model, processor, samples: Sequence[CompoSample], *, batch_size: int = 8,
                            prompt: str = DEFAULT_CAPTION_PROMPT, progress: bool = True) -> tuple[dict, list[dict]]:
     """Score every caption of every sample and compute `compositional_accuracy`.
@@ -272,29 +302,10 @@ def evaluate_compositional(model, processor, samples: Sequence[CompoSample], *, 
     """
     from distill.eval.scoring import score_captions
 
-    pending_imgs, pending_caps, owners = [], [], []
-    sample_scores: list[list[float]] = [[] for _ in samples]
+    def score(imgs, caps):
+        return score_captions(model, processor, imgs, caps, prompt=prompt, batch_size=batch_size)
 
-    def flush(full_only: bool):
-        k = (len(pending_caps) // batch_size) * batch_size if full_only else len(pending_caps)
-        if k == 0:
-            return
-        sc = score_captions(model, processor, pending_imgs[:k], pending_caps[:k], prompt=prompt, batch_size=batch_size)
-        for o, v in zip(owners[:k], sc.tolist()):
-            sample_scores[o].append(v)
-        del pending_imgs[:k], pending_caps[:k], owners[:k]
-
-    it = samples
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(samples, desc="compositional", unit="sample")
-    for s, smp in enumerate(it):
-        img = smp.image.load()
-        for cap in smp.captions:
-            pending_imgs.append(img), pending_caps.append(cap), owners.append(s)
-        flush(full_only=True)
-    flush(full_only=False)
+    sample_scores = batched_scores(samples, lambda smp: smp.captions, score, batch_size, progress, "compositional")
     results = compositional_accuracy(samples, sample_scores)
     per_sample = []
     for smp, sc in zip(samples, sample_scores):
