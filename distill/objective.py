@@ -15,10 +15,20 @@ the count is read with one host sync). :func:`distill.losses.fused_lm_kd_loss` t
 lm_heads per chunk of ``loss.logits_chunk_size`` rows, so no [B, T, V] tensor exists for either
 model.
 
+Ragged visual tokens (DESIGN.md: ``vis_pos`` is ``[B, n_max]``, the tail padded with -1): the
+captured maps are ``[L, B, n_max, n_max]``; the attention term of each sample is computed over its
+own block only (:func:`distill.losses.attention_alignment_loss` with ``image_ids``), so padding
+never enters the filtered cosine's mean, std, filter, profiles or cosine.  Multi-image samples:
+an optional ``batch["vis_image_id"]`` ``[B, n_max]`` long gives the image (0, 1, ... within the
+sample) of each visual token, -1 on padding; the term is then computed per image block (the
+image's own n_k x n_k sub-map, as the reference does for its single image) and averaged over the
+sample's images.  Without it a sample's visual tokens form one block.  The block ids are derived
+on the device from ``vis_pos >= 0`` (no host sync).
+
 Normalisation (so gradient accumulation equals one big batch): token terms are *sums* over valid
 shifted label positions divided by ``num_tokens``; the attention term is a sum over samples with
-an image divided by ``num_images``.  Pass the global counts of the optimizer step; ``None`` uses
-the local counts of this micro-batch.
+an image (``has_image`` and at least one real visual token) divided by ``num_images``.  Pass the
+global counts of the optimizer step; ``None`` uses the local counts of this micro-batch.
 """
 
 from __future__ import annotations
@@ -140,12 +150,15 @@ class DistillObjective:
                 (which ``__init__`` requires when a kd/attn weight is > 0).
             batch: ``input_ids [B,T]``, ``attention_mask [B,T]`` (right padding), ``labels [B,T]``
                 (unshifted, -100 ignored), ``pixel_values`` or None, ``has_image [B]``,
-                ``vis_pos [B,n]``; optional ``num_targets``: Python int, ``(labels[:, 1:] != -100).sum()``
+                ``vis_pos [B,n]`` (long, -1 padding at the tail of samples with fewer visual tokens);
+                optional ``vis_image_id [B,n]`` (long image index of each visual token within its
+                sample, -1 on padding; absent: one block per sample); optional ``num_targets``: Python int, ``(labels[:, 1:] != -100).sum()``
                 (collate provides it; without it the labelled rows are counted with one host sync);
                 optional ``vis_key_len``: Python int ``max(vis_pos) + 1`` (collate provides it), the
                 bound of the capture op's key loops.
             num_tokens: divisor of the token terms (global count of the step); default local count.
-            num_images: divisor of the attention term; default local count of samples with an image.
+            num_images: divisor of the attention term; default local count of samples with an image
+                and at least one real visual token (``has_image & (vis_pos >= 0).any(-1)``).
 
         Returns:
             ``{"loss", "lm", "kd", "attn"}`` scalar fp32 tensors (no host sync); the terms are
@@ -197,10 +210,15 @@ class DistillObjective:
             s_maps = s_rec.maps  # (L, B, n, n)
             t_all = t_rec.maps  # (L_t, B, n, n) in self.teacher_layers order
             t_maps = torch.stack([t_all[slots].mean(0) for slots in self._window_slots])
+            dev = s_maps.device
+            real = vis_pos.to(dev) >= 0  # (B, n) on the device: no host sync
+            img_id = batch.get("vis_image_id")
+            block = torch.where(real, img_id.to(dev).long() if img_id is not None else 0, -1)
+            valid = has_image.to(dev)
             if num_images is None:
-                num_images = has_image.sum().clamp(min=1)
+                num_images = (valid & real.any(-1)).sum().clamp(min=1)
             attn = attention_alignment_loss(
-                s_maps, t_maps, has_image, kind=cfg.attn_kind, reduction="sum"
+                s_maps, t_maps.to(dev), valid, image_ids=block, kind=cfg.attn_kind, reduction="sum"
             ) / num_images
 
         loss = weighted / num_tokens  # lm_weight * lm + kd_weight * kd, differentiable

@@ -179,3 +179,103 @@ def test_config_validation_and_teacher_requirement(pair):
     obj = DistillObjective(LossConfig(backend="cpu_flash"), student, None)  # LM only
     out = obj(student, None, _batch(student))
     assert out["kd"] == 0 and out["attn"] == 0 and out["loss"] == out["lm"]
+
+
+# ----------------------------------------------------------------------------- ragged visual tokens (issue 15)
+
+
+def _ragged_batch(student, t_len=200):
+    """Sample 0: two images (128 visual tokens, vis_image_id 0/1); sample 1: one image, only its
+    first 40 image tokens declared visual (ragged n: 40 real + 88 x -1); sample 2: no image."""
+    cfg = student.config
+    img, pad = cfg.image_token_id, cfg.text_config.pad_token_id or 0
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(10, min(cfg.text_config.vocab_size, 200), (3, t_len), generator=g)
+    ids[ids == img] = 11
+    ids[0, 3:3 + N_IMG] = img
+    ids[0, 80:80 + N_IMG] = img
+    ids[1, 20:20 + N_IMG] = img
+    lens = [t_len, 150, 120]
+    for b in range(3):
+        ids[b, lens[b]:] = pad
+    mask = (torch.arange(t_len)[None] < torch.tensor(lens)[:, None]).long()
+    labels = ids.clone()
+    labels[(mask == 0) | (ids == img)] = -100
+    labels[:, :5] = -100
+    n_max = 2 * N_IMG
+    vis = torch.full((3, n_max), -1, dtype=torch.long)
+    vis_id = torch.full((3, n_max), -1, dtype=torch.long)
+    vis[0] = torch.cat([torch.arange(3, 3 + N_IMG), torch.arange(80, 80 + N_IMG)])
+    vis_id[0] = torch.cat([torch.zeros(N_IMG), torch.ones(N_IMG)]).long()
+    vis[1, :40] = torch.arange(20, 60)
+    vis_id[1, :40] = 0
+    pix = torch.randn(3, 3, 48, 48, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pix,
+            "has_image": torch.tensor([True, True, False]), "vis_pos": vis, "vis_image_id": vis_id,
+            "vis_key_len": int(vis.max()) + 1}
+
+
+@pytest.mark.parametrize("attn_kind", ["filtered_cosine", "kl"])
+def test_ragged_and_multi_image_attention_term(pair, attn_kind):
+    """Objective on a ragged, multi-image batch == eager attention sliced per image block, the
+    original loss per block, averaged over each sample's images, summed over samples / 2."""
+    student0, teacher0 = pair
+    ref_s, ref_t = _eager_copy(student0), _eager_copy(teacher0)
+    student, teacher = copy.deepcopy(student0), copy.deepcopy(teacher0)
+    for m in (student, teacher):
+        m.config.vision_config._attn_implementation = "eager"
+    cfg = LossConfig(kd_weight=0.0, attn_weight=1.0, attn_kind=attn_kind, backend="cpu_flash", attn_chunk_size=7)
+    obj = DistillObjective(cfg, student, teacher)
+    batch = _ragged_batch(student)
+    out = obj(student, teacher, batch)
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    s_out = ref_s(**inputs, output_attentions=True)
+    with torch.no_grad():
+        t_out = ref_t(**inputs, output_attentions=True)
+    total = 0.0
+    for b in range(2):
+        terms = []
+        for k in sorted(set(batch["vis_image_id"][b][batch["vis_image_id"][b] >= 0].tolist())):
+            pos = batch["vis_pos"][b][batch["vis_image_id"][b] == k]
+
+            def block(att):
+                return att[b].float().mean(0)[pos][:, pos]
+
+            s_maps = torch.stack([block(s_out.attentions[i]) for i in obj.student_layers])[:, None]
+            t_maps = torch.stack([torch.stack([block(t_out.attentions[i]) for i in w]).mean(0)
+                                  for w in obj.teacher_windows])[:, None]
+            terms.append(attention_alignment_loss(s_maps, t_maps, kind=attn_kind, reduction="sum"))
+        total = total + torch.stack(terms).mean()
+    ref = total / 2
+    torch.testing.assert_close(out["attn"], ref, atol=1e-5, rtol=1e-5)
+    assert out["attn"] > 0
+    out["attn"].backward()
+    ref.backward()
+    grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in ref_s.named_parameters() if p.grad is not None}
+    assert grads and grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_ragged_batch_equals_samples_alone(pair):
+    """Two samples of different n in one -1-padded batch: the attention term equals the mean of
+    each sample run alone (unpadded vis_pos, its own normaliser of 1)."""
+    student, teacher = pair
+    cfg = LossConfig(kd_weight=0.0, attn_weight=1.0, backend="cpu_flash")
+    obj = DistillObjective(cfg, student, teacher)
+    batch = _ragged_batch(student)
+    both = {k: (v[[0, 1]] if isinstance(v, torch.Tensor) and k != "pixel_values" else v) for k, v in batch.items()}
+    both["vis_image_id"] = None  # one block per sample: sample 0's 128 tokens are one block
+    with torch.no_grad():
+        together = obj(student, teacher, both)["attn"]
+        alone = []
+        for b, (pix, n) in enumerate(((batch["pixel_values"][:2], 128), (batch["pixel_values"][2:], 40))):
+            one = {k: v[[b]] for k, v in both.items() if isinstance(v, torch.Tensor) and k != "pixel_values"}
+            one["pixel_values"] = pix
+            one["vis_pos"] = one["vis_pos"][:, :n]
+            assert (one["vis_pos"] >= 0).all()
+            alone.append(obj(student, teacher, one)["attn"])
+    torch.testing.assert_close(together, (alone[0] + alone[1]) / 2, atol=1e-6, rtol=1e-5)
+    assert alone[0] > 0 and alone[1] > 0
