@@ -138,3 +138,29 @@ def test_curves_png_and_series(tmp_path):
     path.write_text('{"step": 0, "loss": 1}\n')
     with pytest.raises(ValueError, match="no numeric values for metric 'kd'"):
         plot_curves(path, tmp_path / "g.png", keys=["kd"])
+
+
+def test_sample_blocks_ragged_and_multi_image():
+    from distill.viz.attention_maps import sample_blocks
+
+    L, n = 2, 13
+    maps = torch.arange(L * 3 * n * n, dtype=torch.float32).view(L, 3, n, n)
+    vis_pos = torch.full((3, n), -1)
+    vis_pos[0, :9] = torch.arange(5, 14)  # 9 tokens (3x3 grid), padded to 13
+    vis_pos[1] = torch.arange(13)  # two images: 4 + 9 tokens
+    ids = torch.full((3, n), -1)
+    ids[0, :9] = 0
+    ids[1, :4], ids[1, 4:] = 0, 1
+    (b0,) = sample_blocks(maps, vis_pos, 0)
+    assert b0.shape == (L, 9, 9)
+    torch.testing.assert_close(b0, maps[:, 0, :9, :9])
+    assert grid_shape(visual_attention_profile(b0).shape[-1]) == (3, 3)
+    one = sample_blocks(maps, vis_pos, 1)  # no image ids: the whole visual block
+    assert len(one) == 1 and one[0].shape == (L, 13, 13)
+    i0, i1 = sample_blocks(maps, vis_pos, 1, ids)
+    torch.testing.assert_close(i0, maps[:, 1, :4, :4])
+    torch.testing.assert_close(i1, maps[:, 1, 4:, 4:])
+    assert [grid_shape(x.shape[-1]) for x in (i0, i1)] == [(2, 2), (3, 3)]
+    assert sample_blocks(maps, vis_pos, 2, ids) == []
+    with pytest.raises(ValueError, match="vis_pos must be"):
+        sample_blocks(maps, vis_pos[:, :5], 0)

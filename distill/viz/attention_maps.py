@@ -6,6 +6,11 @@ visual key columns, normalised over all keys). The attention an image token rece
 mean of ``P`` over the ``n`` visual query rows (causal zeros above the diagonal included), reshaped
 to the ``sqrt(n) x sqrt(n)`` patch grid. Layers are paired with `distill.losses.match_layers`
 (its defaults unless layers are given); a teacher window is shown as the mean of its layers' maps.
+
+Ragged batches (``vis_pos [B, n_max]`` padded with -1, optional ``vis_image_id [B, n_max]``):
+:func:`sample_blocks` cuts one sample's own block(s) out of the padded ``[L, B, n_max, n_max]``
+maps, one ``[L, n_k, n_k]`` block per image, so each heat map is drawn over that image's own
+``n_k`` tokens and its own ``sqrt(n_k) x sqrt(n_k)`` grid (the same blocks the alignment loss uses).
 """
 
 from __future__ import annotations
@@ -39,6 +44,34 @@ def visual_attention_profile(maps: torch.Tensor, visible_rows: bool = False) -> 
     n = maps.shape[-1]
     rows = torch.arange(n, 0, -1, device=maps.device, dtype=torch.float32)  # (n,) = n - j
     return maps.float().sum(dim=-2) / rows
+
+
+def sample_blocks(maps: torch.Tensor, vis_pos: torch.Tensor, b: int,
+                  image_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Sample ``b``'s visual blocks from batch maps with ragged visual tokens.
+
+    Args:
+        maps: [L, B, n_max, n_max] captured maps (``rec.maps``).
+        vis_pos: [B, n_max] long, -1 padding.
+        b: the sample.
+        image_ids: optional [B, n_max] long image index per visual token (-1 padding); None: the
+            sample's real tokens are one block.
+    Returns:
+        one [L, n_k, n_k] tensor per image of the sample (in image-id order; empty list for a
+        sample without visual tokens): rows and columns of that image's tokens only.
+    """
+    if maps.dim() != 4 or maps.shape[-1] != maps.shape[-2]:
+        raise ValueError(f"maps must be [L, B, n, n], got shape {tuple(maps.shape)}")
+    if vis_pos.shape != maps.shape[1:3]:
+        raise ValueError(f"vis_pos must be [B, n]={tuple(maps.shape[1:3])}, got {tuple(vis_pos.shape)}")
+    real = vis_pos[b].cpu() >= 0
+    ids = torch.zeros_like(real, dtype=torch.long) if image_ids is None else image_ids[b].cpu().long()
+    ids = torch.where(real, ids, -1)
+    out = []
+    for k in sorted(set(ids[ids >= 0].tolist())):
+        idx = (ids == k).nonzero().flatten().to(maps.device)
+        out.append(maps[:, b].index_select(1, idx).index_select(2, idx))
+    return out
 
 
 def grid_shape(n: int) -> tuple[int, int]:
@@ -86,7 +119,8 @@ def capture_visual_attention(model, processor, image, prompt: str, layers: Seque
             maps = rec.maps  # (L, 1, n, n)
     finally:
         cap.remove()
-    return maps[:, 0].float().cpu()
+    (block,) = sample_blocks(maps, vis.unsqueeze(0), 0)  # this sample's own n (no padding here)
+    return block.float().cpu()
 
 
 def _depth(model) -> int:
