@@ -439,20 +439,25 @@ def _profiles(s: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> tuple[tor
     return torch.where(keep, s, zero).sum(-2) / denom, torch.where(keep, t, zero).sum(-2) / denom
 
 
-def _block_ids(b: int, n: int, device, counts, image_ids) -> torch.Tensor | None:
-    """[B, n] long block id of each visual token (-1: padding), or None (every map one full block)."""
-    if counts is not None and image_ids is not None:
-        raise ValueError("give counts or image_ids, not both")
+def _block_ids(b: int, n: int, device, counts, vis_mask, image_ids) -> tuple[torch.Tensor | None, bool]:
+    """([B, n] long block id of each visual token (-1: padding), single): ``single`` when each
+    sample's real tokens form one block; ``(None, True)``: every map is one full block."""
+    if sum(x is not None for x in (counts, vis_mask, image_ids)) > 1:
+        raise ValueError("give at most one of counts, vis_mask, image_ids")
     if counts is not None:
         if counts.shape != (b,):
             raise ValueError(f"counts must be [B]={b} long, got shape {tuple(counts.shape)}")
         pos = torch.arange(n, device=device)
-        return torch.where(pos[None, :] < counts.to(device)[:, None], 0, -1)
+        return torch.where(pos[None, :] < counts.to(device)[:, None], 0, -1), True
+    if vis_mask is not None:
+        if vis_mask.shape != (b, n):
+            raise ValueError(f"vis_mask must be [B, n]=({b}, {n}) bool, got shape {tuple(vis_mask.shape)}")
+        return torch.where(vis_mask.to(device=device, dtype=torch.bool), 0, -1), True
     if image_ids is not None:
         if image_ids.shape != (b, n):
             raise ValueError(f"image_ids must be [B, n]=({b}, {n}) long, got shape {tuple(image_ids.shape)}")
-        return image_ids.to(device=device, dtype=torch.long)
-    return None
+        return image_ids.to(device=device, dtype=torch.long), False
+    return None, True
 
 
 def _block_sum(x: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
@@ -460,6 +465,34 @@ def _block_sum(x: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     (0 for padding tokens). ``same`` [B,n,n] bool: tokens i and j are in one (real) block.
     A masked sum, not a matmul, so TF32 settings never touch it and it is deterministic."""
     return torch.where(same, x[..., None, :], x.new_zeros(())).sum(-1)
+
+
+def _single_block_per(s: torch.Tensor, t: torch.Tensor, real: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """Per (layer, sample) loss when each sample's real tokens (``real`` [B, n] bool) are one block:
+    masked reductions over the n x n map, no per-token expansion. [L, B] fp32."""
+    n = s.shape[-1]
+    same = real[:, :, None] & real[:, None, :]  # (B, n, n)
+    zero = s.new_zeros(())
+    if kind == "kl":
+        s_in, t_in = torch.where(same, s, zero), torch.where(same, t, zero)
+        ps = s_in / s_in.sum(-1, keepdim=True).clamp(min=eps)
+        pt = t_in / t_in.sum(-1, keepdim=True).clamp(min=eps)
+        term = pt * (torch.log(pt.clamp(min=eps)) - torch.log(ps.clamp(min=eps)))
+        rows = torch.where(same, term, zero).sum(-1)  # (L, B, n)
+        has = (t_in.sum(-1) > 0) & real
+        return torch.where(has, rows, zero).sum(-1) / has.sum(-1).clamp(min=1).float()
+    if kind == "filtered_cosine":
+        ent = real.sum(-1).float().square()[:, None, None]  # (B, 1, 1): n_b^2 entries
+        thr = []
+        for x in (s.detach(), t.detach()):
+            mean = torch.where(same, x, zero).sum((-1, -2), keepdim=True) / ent  # (L, B, 1, 1)
+            var = torch.where(same, (x - mean).square(), zero).sum((-1, -2), keepdim=True) / (ent - 1.0)
+            thr.append(mean + var.sqrt())  # unbiased; NaN for a 1-token block (as torch.std): nothing kept
+        keep = same & (s <= thr[0]) & (t <= thr[1]) & (t != 0)
+    else:
+        keep = (same & torch.ones(n, n, dtype=torch.bool, device=s.device).tril()).expand_as(s)
+    prof_s, prof_t = _profiles(s, t, keep)  # zero outside the block: the cosine is the block's
+    return 1.0 - F.cosine_similarity(prof_s, prof_t, dim=-1, eps=eps)
 
 
 def _ragged_per(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, kind: str, eps: float):
@@ -511,6 +544,7 @@ def attention_alignment_loss(
     valid: torch.Tensor | None = None,
     *,
     counts: torch.Tensor | None = None,
+    vis_mask: torch.Tensor | None = None,
     image_ids: torch.Tensor | None = None,
     kind: str = "filtered_cosine",
     reduction: str = "mean",
@@ -527,11 +561,16 @@ def attention_alignment_loss(
         counts: optional [B] long, sample b's real visual tokens are indices ``0 .. counts[b]-1``
             (the rest is padding); its block is ``[:n_b, :n_b]``. Same as ``image_ids`` with
             ``0`` on real tokens and ``-1`` on padding.
+        vis_mask: optional [B, n] bool, True on sample b's real visual tokens (any indices, e.g.
+            ``vis_pos >= 0``); they form one block. Same as ``image_ids = where(vis_mask, 0, -1)``
+            (computed by cheaper masked reductions, no per-token expansion).
         image_ids: optional [B, n] long block id of each visual token, ``-1`` for padding: the
             image a token belongs to (``0, 1, ...`` within the sample). Tokens of one image need
             not be contiguous, but each image's tokens must be in causal (position) order, as
             ``vis_pos`` is. ``None`` and ``counts=None``: every map is one full n x n block
-            (the original single-image computation, unchanged bit for bit).
+            (the original single-image computation, unchanged bit for bit). At most one of
+            ``counts``, ``vis_mask``, ``image_ids``; with every token real they give the original
+            values up to fp32 rounding (masked sums instead of ``mean`` / ``std``).
         kind: per block (one image, n_k tokens, the n_k x n_k sub-map of its own rows and
             columns; attention to keys of other images or text never enters except through the
             softmax normaliser the capture already applied):
@@ -567,14 +606,18 @@ def attention_alignment_loss(
         valid = torch.ones(b, dtype=torch.bool, device=student_maps.device)
     if valid.shape != (b,):
         raise ValueError(f"valid must be [B]={b} bool, got shape {tuple(valid.shape)}")
-    ids = _block_ids(b, n, student_maps.device, counts, image_ids)
+    ids, single = _block_ids(b, n, student_maps.device, counts, vis_mask, image_ids)
     valid = valid.to(device=student_maps.device, dtype=torch.bool)
     if n == 0 or num_l == 0:
         return student_maps.float().sum() * 0.0
 
     s = student_maps.float()
     t = teacher_maps.float()
-    if ids is not None:
+    if ids is not None and single:
+        real = ids >= 0
+        per = _single_block_per(s, t, real, kind, eps)
+        valid = valid & real.any(-1)
+    elif ids is not None:
         per, has_block = _ragged_per(s, t, ids, kind, eps)
         valid = valid & has_block
     elif kind == "kl":

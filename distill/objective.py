@@ -17,8 +17,9 @@ model.
 
 Ragged visual tokens (DESIGN.md: ``vis_pos`` is ``[B, n_max]``, the tail padded with -1): the
 captured maps are ``[L, B, n_max, n_max]``; the attention term of each sample is computed over its
-own block only (:func:`distill.losses.attention_alignment_loss` with ``image_ids``), so padding
-never enters the filtered cosine's mean, std, filter, profiles or cosine.  Multi-image samples:
+own block only (:func:`distill.losses.attention_alignment_loss` with ``vis_mask`` or
+``image_ids``), so padding never enters the filtered cosine's mean, std, filter, profiles or
+cosine.  Multi-image samples:
 an optional ``batch["vis_image_id"]`` ``[B, n_max]`` long gives the image (0, 1, ... within the
 sample) of each visual token, -1 on padding; the term is then computed per image block (the
 image's own n_k x n_k sub-map, as the reference does for its single image) and averaged over the
@@ -213,12 +214,14 @@ class DistillObjective:
             dev = s_maps.device
             real = vis_pos.to(dev) >= 0  # (B, n) on the device: no host sync
             img_id = batch.get("vis_image_id")
-            block = torch.where(real, img_id.to(dev).long() if img_id is not None else 0, -1)
+            # one block per sample (masked reductions), or per image when the batch says which
+            blocks = ({"vis_mask": real} if img_id is None
+                      else {"image_ids": torch.where(real, img_id.to(dev).long(), -1)})
             valid = has_image.to(dev)
             if num_images is None:
                 num_images = (valid & real.any(-1)).sum().clamp(min=1)
             attn = attention_alignment_loss(
-                s_maps, t_maps.to(dev), valid, image_ids=block, kind=cfg.attn_kind, reduction="sum"
+                s_maps, t_maps.to(dev), valid, kind=cfg.attn_kind, reduction="sum", **blocks
             ) / num_images
 
         loss = weighted / num_tokens  # lm_weight * lm + kd_weight * kd, differentiable

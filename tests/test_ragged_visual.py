@@ -63,7 +63,7 @@ def test_per_sample_blocks_match_loop_reference(kind, pad_value):
     t = _pad(_maps(1, l, 5, n), ids, pad_value)
     s = s0.clone().requires_grad_()
     s_ref = s0.clone().requires_grad_()
-    for arg in ({"counts": torch.tensor(counts)}, {"image_ids": ids}):
+    for arg in ({"counts": torch.tensor(counts)}, {"vis_mask": ids >= 0}, {"image_ids": ids}):
         s.grad = None
         got = attention_alignment_loss(s, t, valid, kind=kind, reduction="sum", **arg)
         assert torch.isfinite(got)
@@ -91,7 +91,8 @@ def test_full_blocks_equal_original(kind):
     plain = attention_alignment_loss(s, t, valid, kind=kind)
     plain.backward()
     g_plain = s.grad.clone()
-    for arg in ({"counts": torch.full((b,), n)}, {"image_ids": torch.zeros(b, n, dtype=torch.long)}):
+    for arg in ({"counts": torch.full((b,), n)}, {"vis_mask": torch.ones(b, n, dtype=torch.bool)},
+                {"image_ids": torch.zeros(b, n, dtype=torch.long)}):
         s.grad = None
         out = attention_alignment_loss(s, t, valid, kind=kind, **arg)
         out.backward()
@@ -127,12 +128,29 @@ def test_multi_image_blocks_are_averaged(kind):
     torch.testing.assert_close(mean.double(), ref.detach() / 3, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_vis_mask_anywhere_equals_image_ids_and_reference(kind):
+    """A real-token mask with holes (not only tail padding): the single-block path, the general
+    per-image path with one id, and the loop reference agree."""
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    ids = torch.where(mask, 0, -1)
+    s0, t = _pad(_maps(6, 2, 3, 7), ids, 0.2), _pad(_maps(7, 2, 3, 7), ids, 0.2)
+    valid = torch.ones(3, dtype=torch.bool)
+    a = attention_alignment_loss(s0, t, valid, vis_mask=mask, kind=kind, reduction="sum")
+    g = attention_alignment_loss(s0, t, valid, image_ids=ids, kind=kind, reduction="sum")
+    ref, _ = _reference(s0, t, ids, valid, kind)
+    torch.testing.assert_close(a, g, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.double(), ref, atol=1e-6, rtol=1e-5)
+
+
 def test_ragged_args_validation():
     s = _maps(0, 1, 2, 4)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="at most one"):
         attention_alignment_loss(s, s, counts=torch.tensor([4, 4]), image_ids=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="counts must be"):
         attention_alignment_loss(s, s, counts=torch.tensor([4]))
+    with pytest.raises(ValueError, match="vis_mask must be"):
+        attention_alignment_loss(s, s, vis_mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="image_ids must be"):
         attention_alignment_loss(s, s, image_ids=torch.zeros(2, 3, dtype=torch.long))
     # nothing real anywhere: 0, finite
