@@ -156,3 +156,29 @@ def test_ragged_args_validation():
     # nothing real anywhere: 0, finite
     out = attention_alignment_loss(s, s * 0.5, counts=torch.tensor([0, 0]))
     assert out == 0 and torch.isfinite(out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_host_reads(kind):
+    """The ragged paths (forward and backward) read no tensor value on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default or func is torch.ops.aten.is_nonzero.default:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, -1, -1]])
+    s = _maps(8, 2, 2, 6).requires_grad_()
+    t = _maps(9, 2, 2, 6)
+    valid = torch.ones(2, dtype=torch.bool)
+    for arg in ({"counts": torch.tensor([6, 4])}, {"vis_mask": ids >= 0}, {"image_ids": ids}):
+        with HostReads() as reads:
+            out = attention_alignment_loss(s, t, valid, kind=kind, **arg)
+            out.backward()
+        assert reads.n == 0, arg
