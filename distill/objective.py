@@ -214,6 +214,9 @@ class DistillObjective:
             dev = s_maps.device
             real = vis_pos.to(dev) >= 0  # (B, n) on the device: no host sync
             img_id = batch.get("vis_image_id")
+            if img_id is not None and img_id.shape != vis_pos.shape:
+                raise ValueError(f"batch['vis_image_id'] {tuple(img_id.shape)} must match vis_pos "
+                                 f"{tuple(vis_pos.shape)} (-1 on the same padding)")
             # one block per sample (masked reductions), or per image when the batch says which
             blocks = ({"vis_mask": real} if img_id is None
                       else {"image_ids": torch.where(real, img_id.to(dev).long(), -1)})
