@@ -325,3 +325,13 @@ def test_list_content_templates_and_unusable_templates(processor):
     rev.chat_template = "{% for m in messages|reverse %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(TemplateError, match="prefix-stable"):
         SampleEncoder(rev, max_length=512)
+
+
+def test_llava_batches_carry_no_family_keys(processor, mixed):
+    """A LLaVA processor is no family (distill.data.families): fixed-count path, no model_inputs key."""
+    shards, _ = mixed
+    loader = build_loader(cfg(shards, samples_per_epoch=4), processor, rank=0, world_size=1, seed=0)
+    assert loader.encoder.family is None and loader.encoder.model_inputs == ("pixel_values",)
+    batch = next(iter(loader))
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "has_image", "vis_pos",
+                          "num_targets", "vis_key_len"}

@@ -7,7 +7,17 @@ generation prompt, prefix including the answer); the character span in between i
 with offsets, and a token is a label iff it starts inside an answer span. So any prefix-stable chat
 template works (checked; a template that is not prefix-stable raises ``TemplateError``).
 
-Images: the processor is run on the image with its bare image placeholder as text; the token
+Families (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL; ``distill.data.families``, recognised from
+the processor class): the conversation is rendered with the template's own image item (list
+content; Qwen writes ``<|vision_start|><|image_pad|><|vision_end|>``), and the family's processor is
+run on that full text with the image, so it expands the one placeholder to as many tokens as this
+image needs; the expansion must leave every other token unchanged (checked, else ``TemplateError``)
+and carries no labels. Its other outputs are kept in ``Encoded.extras`` (per-image keys as the
+processor returns them for one image, per-token ones like ``mm_token_type_ids [L]``, zeros for a
+text-only sample). Truncation keeps the whole image block including end markers right after it
+(``<|vision_end|>``): a block past ``max_length`` is skipped as ``image_truncated``.
+
+LLaVA images: the processor is run on the image with its bare image placeholder as text; the token
 sequence it returns (e.g. 64 image tokens, plus any wrapper tokens a processor adds) replaces the
 single placeholder token of the text. Visual positions are later read as
 ``input_ids == image_token_id``. Image bytes are decoded to 8-bit RGB by ``decode_image``, which
@@ -28,9 +38,12 @@ from data_prep.shards import IMAGE_EXTS
 
 from distill.config import DataConfigError
 
+from . import families as fam
+
 IMAGE_PLACEHOLDER = "<image>"  # as written in LLaVA JSON
 ROLE_MAP = {"human": "user", "gpt": "assistant"}
 IGNORE_INDEX = -100
+FAMILY_PROBE_SIZE = (32, 32)  # (w, h) of the image ``image_length_floor`` sizes a family's shortest sample with
 
 
 class TemplateError(DataConfigError):
@@ -56,6 +69,9 @@ class Encoded:
     key: str = ""
     truncated: bool = False
     """Text after ``max_length`` was cut (the loader counts it as ``text_truncated``)."""
+    extras: dict | None = None
+    """Family samples only (``distill.data.families``): the image's other model inputs in their per-image
+    form (e.g. ``image_grid_thw [1,3]``) and per-token ones (``mm_token_type_ids [L]``); None for LLaVA."""
 
 
 def decode_image(data: bytes) -> Any:
@@ -94,6 +110,11 @@ class SampleEncoder:
         if not getattr(tok, "is_fast", False):
             raise TemplateError("a fast tokenizer (offset mapping) is required to mask labels")
         self._list_content = False  # decided by the probe below
+        self.family = fam.family_of(processor)
+        """None (LLaVA: fixed-size images, cached expansion) or a ``families.MODEL_INPUTS`` key: the
+        processor expands the placeholder of the full rendered text itself (count depends on the image)."""
+        self.model_inputs = fam.MODEL_INPUTS[self.family] if self.family else ("pixel_values",)
+        self._end_markers = fam.end_marker_ids(processor) if self.family else set()
         self._expansions: dict[tuple[int, int], list[int]] = {}  # image size -> placeholder expansion
         self._probe()
 
@@ -125,7 +146,8 @@ class SampleEncoder:
                 {"from": "gpt", "value": "probe answer"},
                 {"from": "human", "value": "second question"}, {"from": "gpt", "value": "second answer"}]
         errors = []
-        for list_content in (False, True):
+        # families: the template's own image item first (Qwen wraps it in vision start/end markers)
+        for list_content in ((True, False) if self.family else (False, True)):
             self._list_content = list_content
             try:
                 text = self.render(self._messages(conv), False)
@@ -214,13 +236,17 @@ class SampleEncoder:
         it at build time)."""
         from PIL import Image
 
-        size = self.probe_image_size()
+        size = self.probe_image_size() if not self.family else FAMILY_PROBE_SIZE
         msgs = self._messages([{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": "a"}])
         text, spans = self.answer_spans(msgs)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         first_label = next(i for i, (start, _e) in enumerate(enc["offset_mapping"]) if any(s <= start < e for s, e in spans))
         where = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if self.family:  # the smallest usual image: larger ones need more (skipped as image_truncated)
+            new, k, _ = self._expand(text, ids, where[0], Image.new("RGB", size))
+            n_image = sum(t == self.image_token_id for t in new)
+            return n_image, first_label + (k - 1 if where[0] < first_label else 0) + 1, size
         expansion, _ = self._image_inputs(Image.new("RGB", size))
         n_image = sum(t == self.image_token_id for t in expansion)
         extra = len(expansion) - 1 if where and where[0] < first_label else 0
@@ -236,6 +262,8 @@ class SampleEncoder:
             for tid, (start, _end) in zip(ids, enc["offset_mapping"])
         ]
         where = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if self.family:
+            return self._encode_family(text, ids, labels, where, image, key)
         pixel_values = None
         if image is None:
             if where:
@@ -260,3 +288,63 @@ class SampleEncoder:
             raise SkipSample("no_labels", f"{key}: no assistant token within max_length {self.max_length}")
         return Encoded(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), pixel_values, key,
                        truncated)
+
+    # ---- families (distill.data.families) -------------------------------------------------------------
+    def _expand(self, text: str, ids: list[int], p: int, image: Any) -> tuple[list[int], int, dict]:
+        """Run the family's processor on the full rendered ``text`` with ``image``; return ``(expanded
+        ids, expansion length k, processor output)``: ``ids[p]`` (the one placeholder) became ``k``
+        tokens, everything else is unchanged (checked)."""
+        out = self.processor(text=[text], images=[image], add_special_tokens=False, return_tensors="pt")
+        new = out["input_ids"][0].tolist()
+        k = len(new) - len(ids) + 1
+        if k < 1 or new[:p] != ids[:p] or new[p + k:] != ids[p + 1:] or self.image_token_id not in new[p:p + k]:
+            raise TemplateError(
+                f"the {type(self.processor).__name__} expansion of the image placeholder changed tokens outside it "
+                "(or holds no image token); the data layer cannot align labels with it"
+            )
+        return new, k, out
+
+    def _encode_family(self, text: str, ids: list[int], labels: list[int], where: list[int], image: Any,
+                       key: str) -> Encoded:
+        """Family path of ``encode_messages``: the processor's own expansion of the image placeholder.
+
+        The protected image block is the expansion plus any end markers right after it (Qwen's
+        ``<|vision_end|>``; start markers precede it): a sample whose block ends past ``max_length`` is
+        skipped (``image_truncated``), text after it is cut as in the LLaVA path."""
+        keys = [k for k in self.model_inputs if k != "pixel_values"]
+        extras: dict = {}
+        pixel_values = None
+        if image is None:
+            if where:
+                raise SkipSample("image_token_mismatch", f"{key}: text-only sample with {len(where)} image tokens")
+        else:
+            if len(where) != 1:
+                raise SkipSample("image_token_mismatch", f"{key}: {len(where)} image placeholders (need 1)")
+            p = where[0]
+            try:
+                ids, k, out = self._expand(text, ids, p, image)
+            except TemplateError:
+                raise
+            except Exception as e:
+                raise SkipSample("image_processor_error", f"{key}: {type(e).__name__}: {e}") from None
+            labels = labels[:p] + [IGNORE_INDEX] * k + labels[p + 1:]
+            end = p + k
+            while end < len(ids) and ids[end] in self._end_markers:
+                end += 1
+            if end > self.max_length:
+                raise SkipSample("image_truncated", f"{key}: image block ends at {end} > max_length {self.max_length}")
+            pixel_values = fam.split_per_image(self.family, "pixel_values", out["pixel_values"])
+            for name in keys:
+                if name not in out:
+                    raise TemplateError(f"{type(self.processor).__name__} returned no {name!r} (have {sorted(out)})")
+                extras[name] = fam.split_per_image(self.family, name, out[name])
+        for name in keys:
+            if fam.LAYOUT[self.family][name] == "seq":
+                seq = extras.get(name)
+                extras[name] = (torch.zeros(len(ids), dtype=torch.long) if seq is None else seq.long())[: self.max_length]
+        truncated = len(ids) > self.max_length
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(lab == IGNORE_INDEX for lab in labels):
+            raise SkipSample("no_labels", f"{key}: no assistant token within max_length {self.max_length}")
+        return Encoded(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), pixel_values, key,
+                       truncated, extras)

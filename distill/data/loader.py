@@ -240,7 +240,7 @@ class EpochStream(IterableDataset):
             batch = [next(samples) for _ in range(bs)]
             if b < done:
                 continue
-            out = collate(batch, enc.pad_token_id, enc.image_token_id)
+            out = collate(batch, enc.pad_token_id, enc.image_token_id, enc.family)
             out[SKIPS_KEY] = stats.drain()
             out[POS_KEY] = (worker, pos["emitted"])
             if self.with_keys:
