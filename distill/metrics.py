@@ -52,3 +52,12 @@ class Logger:
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(k, v, record["step"])
             self._tb.flush()
+
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+"""Dense bf16 peak of the SXM parts (TFLOP/s), for MFU figures; matched by name substring."""
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of ``device_name`` (e.g. ``torch.cuda.get_device_name()``), None if unknown."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)

@@ -72,7 +72,6 @@ PRESETS = {
     "real": REAL,
 }
 VARIANTS = ("reference", "fused", "none")  # "full_logits" on request (--variants)
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 # ----------------------------------------------------------------------------- model building
@@ -316,8 +315,9 @@ def _mfu(flops_per_s: float, device) -> float | None:
 
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    from distill.metrics import peak_bf16_tflops
+
+    peak = peak_bf16_tflops(torch.cuda.get_device_name(device))
     return None if peak is None else flops_per_s / (peak * 1e12)
 
 

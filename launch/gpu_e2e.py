@@ -57,7 +57,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16, SXM parts
 TERMS = ("loss", "lm", "kd", "attn")
 
 
@@ -105,12 +104,6 @@ def text_params(folder: Path) -> int:
     lm = m.model.language_model
     total = sum(p.numel() for p in lm.parameters()) + m.lm_head.weight.numel()
     return total - lm.embed_tokens.weight.numel()
-
-
-def peak_tflops(device_name: str, override: float | None) -> float | None:
-    if override:
-        return override
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
 
 def stage_config(args, work: Path, models: Path, shards: Path) -> Path:
@@ -311,7 +304,9 @@ def _pipeline(args, work, phase, phases, report, env, device_name):
     shards = data / "instruct" / "shards"
     n_student, n_teacher = text_params(models / "student"), text_params(models / "teacher")
     report["models"] = {"student_text_params": n_student, "teacher_text_params": n_teacher}
-    tflops = None if dry else peak_tflops(device_name, args.peak_tflops)
+    from distill.metrics import peak_bf16_tflops
+
+    tflops = None if dry else (args.peak_tflops or peak_bf16_tflops(device_name))
     report["meta"]["peak_bf16_tflops"] = tflops
 
     run_attn, run_none = work / "run_attn", work / "run_noattn"
