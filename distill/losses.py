@@ -467,6 +467,17 @@ def _block_sum(x: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     return torch.where(same, x[..., None, :], x.new_zeros(())).sum(-1)
 
 
+def _block_kl_rows(s: torch.Tensor, t: torch.Tensor, same: torch.Tensor, eps: float):
+    """Row i renormalised over the keys j with ``same[b, i, j]`` (its block): (KL(teacher row ||
+    student row) [L, B, n], teacher row has mass [L, B, n])."""
+    zero = s.new_zeros(())
+    s_in, t_in = torch.where(same, s, zero), torch.where(same, t, zero)
+    ps = s_in / s_in.sum(-1, keepdim=True).clamp(min=eps)
+    pt = t_in / t_in.sum(-1, keepdim=True).clamp(min=eps)
+    term = pt * (torch.log(pt.clamp(min=eps)) - torch.log(ps.clamp(min=eps)))
+    return torch.where(same, term, zero).sum(-1), t_in.sum(-1) > 0
+
+
 def _single_block_per(s: torch.Tensor, t: torch.Tensor, real: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
     """Per (layer, sample) loss when each sample's real tokens (``real`` [B, n] bool) are one block:
     masked reductions over the n x n map, no per-token expansion. [L, B] fp32."""
@@ -474,12 +485,8 @@ def _single_block_per(s: torch.Tensor, t: torch.Tensor, real: torch.Tensor, kind
     same = real[:, :, None] & real[:, None, :]  # (B, n, n)
     zero = s.new_zeros(())
     if kind == "kl":
-        s_in, t_in = torch.where(same, s, zero), torch.where(same, t, zero)
-        ps = s_in / s_in.sum(-1, keepdim=True).clamp(min=eps)
-        pt = t_in / t_in.sum(-1, keepdim=True).clamp(min=eps)
-        term = pt * (torch.log(pt.clamp(min=eps)) - torch.log(ps.clamp(min=eps)))
-        rows = torch.where(same, term, zero).sum(-1)  # (L, B, n)
-        has = (t_in.sum(-1) > 0) & real
+        rows, has = _block_kl_rows(s, t, same, eps)
+        has = has & real
         return torch.where(has, rows, zero).sum(-1) / has.sum(-1).clamp(min=1).float()
     if kind == "filtered_cosine":
         ent = real.sum(-1).float().square()[:, None, None]  # (B, 1, 1): n_b^2 entries
@@ -506,12 +513,8 @@ def _ragged_per(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, kind: str, 
     first = real & ~(same & tri.tril(-1)).any(-1)  # (B, n)
     zero = s.new_zeros(())
     if kind == "kl":
-        s_in, t_in = torch.where(same, s, zero), torch.where(same, t, zero)
-        ps = s_in / s_in.sum(-1, keepdim=True).clamp(min=eps)
-        pt = t_in / t_in.sum(-1, keepdim=True).clamp(min=eps)
-        term = pt * (torch.log(pt.clamp(min=eps)) - torch.log(ps.clamp(min=eps)))
-        rows = torch.where(same, term, zero).sum(-1)  # (L, B, n): KL of row i over its block's keys
-        has = (t_in.sum(-1) > 0) & real  # (L, B, n)
+        rows, has = _block_kl_rows(s, t, same, eps)  # (L, B, n): KL of row i over its block's keys
+        has = has & real  # (L, B, n)
         num = _block_sum(torch.where(has, rows, zero), same)
         den = _block_sum(has.float(), same)
         val = num / den.clamp(min=1.0)  # (L, B, n): the block's mean over rows with mass
