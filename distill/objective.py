@@ -138,8 +138,11 @@ class DistillObjective:
             if key not in batch:
                 raise KeyError(f"batch is missing {key!r} (have {sorted(batch)})")
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if batch.get("pixel_values") is not None:
-            inputs["pixel_values"] = batch["pixel_values"]
+        # the family's image inputs (distill.data.collate): pixel_values, and e.g. image_grid_thw +
+        # mm_token_type_ids (Qwen-VL) or image_sizes + batch_num_images (OneVision); None = no image
+        for key in batch.get("model_inputs", ("pixel_values",)):
+            if batch.get(key) is not None:
+                inputs[key] = batch[key]
         return inputs
 
     def __call__(self, student_fn, teacher_fn, batch: dict, num_tokens=None, num_images=None) -> dict:
