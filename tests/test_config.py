@@ -272,3 +272,14 @@ def test_student_adam_on_cuda_falls_back_to_torch_adam_when_fused_cannot_build(t
     assert not ok and "nvcc and ninja" in why
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
     assert fused_adam_status() == (True, "FusedAdam is JIT-built with /usr/bin/nvcc")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "internvl", "qwen3_vl"])
+def test_family_pair_configs_load(family):
+    """The shipped real-pair stage-3 configs of the families parse and validate (paths are the
+    user's placeholders, so path existence is not checked here)."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "launch" / "configs" / f"{family}_stage3.yaml", [],
+                      stage=3, check_paths=False)
+    assert cfg.stage == 3 and cfg.loss.attn_weight == 1.0 and cfg.loss.kd_weight == 1.0
+    assert cfg.model.gradient_checkpointing and cfg.deepspeed.zero_stage == 3
+    assert cfg.runs_teacher()
