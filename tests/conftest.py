@@ -22,7 +22,7 @@ def tiny_models(tmp_path_factory):
 
 # Multi-process / end-to-end modules: part of `make test` (CI), left out of `make test-quick`.
 SLOW_MODULES = {"test_demo", "test_multinode", "test_train", "test_engine", "test_checkpoint",
-                "test_visual_triton", "test_gpu_check", "test_fused_zero3", "test_gpu_e2e"}
+                "test_visual_triton", "test_gpu_check", "test_fused_zero3", "test_gpu_e2e", "test_families_zero3"}
 
 
 def pytest_configure(config):
