@@ -48,8 +48,8 @@ from distill.models.loading import (
     model_folder,
     has_wide_projector,
     is_student_checkpoint,
-    load_llava_config,
     load_processor,
+    load_vlm_config,
     load_vlm,
 )
 
@@ -63,7 +63,7 @@ FIT_PROMPT = "Describe the image."
 
 
 def _stored_dtype(path: Path) -> torch.dtype:
-    cfg = load_llava_config(path, "checkpoint")
+    cfg = load_vlm_config(path, "checkpoint")
     d = getattr(cfg, "dtype", None) or getattr(cfg.text_config, "dtype", None)
     if isinstance(d, torch.dtype):
         return d
@@ -297,10 +297,17 @@ def export_student(
     model.eval()
     cfg = model.config
     wide = has_wide_projector(cfg)
-    hs = int(cfg.text_config.hidden_size)
-    info: dict = {"source": str(src), "student_hidden": hs, "dtype": str(target).replace("torch.", "")}
+    hs = int(cfg.get_text_config().hidden_size)
+    info: dict = {"source": str(src), "family": cfg.model_type, "student_hidden": hs, "dtype": str(target).replace("torch.", "")}
     if wide:
         info["teacher_hidden"] = int(cfg.projector_intermediate_size)
+    if wide and stock and cfg.model_type != "llava":
+        raise ModelConfigError(
+            f"export --stock: the fitted stock projector is implemented for LLaVA only; this {cfg.model_type} student's "
+            f"fetched projector is {cfg.projector_intermediate_size} wide inside, more than the family's stock projector "
+            f"({hs}). Export without --stock: exact, with a small custom model file (load with trust_remote_code=True), "
+            "or train with `model.adapter_fetch: false` (or a student at least as wide as the teacher) for a stock folder."
+        )
     if wide and stock:
         if not fit_shards and fit_images is None:
             raise ModelConfigError(
@@ -324,8 +331,14 @@ def export_student(
     for key in ("auto_map", "projector_intermediate_size") if not wide else ():
         if hasattr(cfg, key):
             delattr(cfg, key)
+    family = cfg.model_type
+    from distill.models.modeling_distill_llava import WIDE_CLASSES
+
+    remote_class = WIDE_CLASSES[family].__name__ if family in WIDE_CLASSES else REMOTE_CLASS
+    stock_class = type(model).__name__ if not type(model).__name__.startswith("Distill") else (
+        WIDE_CLASSES[family].__mro__[1].__name__)
     if wide:
-        cfg.auto_map = dict(AUTO_MAP)
+        cfg.auto_map = {"AutoModelForImageTextToText": f"{REMOTE_CODE_FILE[:-3]}.{remote_class}"}
     model = model.to(target)
     out.mkdir(parents=True, exist_ok=True)
     # A custom class gets none of transformers' LLaVA key renames on load, so a custom export is
@@ -333,7 +346,7 @@ def export_student(
     model.save_pretrained(out, save_original_format=not wide)
     processor.save_pretrained(out)
     raw = json.loads((out / "config.json").read_text())
-    raw["architectures"] = [REMOTE_CLASS if wide else "LlavaForConditionalGeneration"]
+    raw["architectures"] = [remote_class if wide else stock_class]
     (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     code = out / REMOTE_CODE_FILE
     if wide:
@@ -355,7 +368,9 @@ def describe(info: dict) -> str:
         lg = fit.get("logits_val", {})
         return (f"stock export with a fitted projector: held-out relative projector error {fit.get('rel_error_val', float('nan')):.4f}, "
                 f"logits max |diff| {lg.get('max_abs_diff', float('nan')):.4f}, top-1 agreement {lg.get('top1_agreement', float('nan')):.4f}")
-    return "stock export, exact (plain LlavaForConditionalGeneration)"
+    fam = info.get("family", "llava")
+    return ("stock export, exact (plain LlavaForConditionalGeneration)" if fam == "llava"
+            else f"stock export, exact (the {fam} family's own transformers class)")
 
 
 def main(argv: list[str] | None = None) -> int:

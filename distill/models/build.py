@@ -31,7 +31,14 @@ from .loading import (
     weight_files,
 )
 from .projector import (
+    MERGER_FAMILIES,
+    FetchedMerger,
     FetchedProjector,
+    fetch_support,
+    fold_merger,
+    merger_slots,
+    new_teacher_merger,
+    read_merger_weights,
     fold_projector,
     fold_projector_exact,
     init_adapter_,
@@ -154,6 +161,112 @@ def _install_folded(model, spec: dict, weights: dict, dtype: torch.dtype) -> nn.
     return proj
 
 
+def _visual(model) -> nn.Module:
+    inner = getattr(unwrap_model(model), "model", None)
+    visual = getattr(inner, "visual", None)
+    if visual is None:
+        raise ModelConfigError(f"{type(unwrap_model(model)).__name__} has no model.visual: not a Qwen-VL model.")
+    return visual
+
+
+def _get_slot(visual: nn.Module, slot: str) -> nn.Module:
+    mod = visual
+    for part in slot.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    return mod
+
+
+def _set_slot(visual: nn.Module, slot: str, new: nn.Module) -> None:
+    parent, _, last = slot.rpartition(".")
+    holder = _get_slot(visual, parent) if parent else visual
+    if last.isdigit():
+        holder[int(last)] = new
+    else:
+        setattr(holder, last, new)
+
+
+def merger_spec(student_cfg, teacher_cfg) -> dict:
+    """Shapes of the fetched mergers of a Qwen-VL pair (stored in a checkpoint's metadata)."""
+    fam = teacher_cfg.model_type
+    return {
+        "family": fam,
+        "slots": merger_slots(teacher_cfg.vision_config, fam),
+        "teacher_hidden": int(teacher_cfg.vision_config.out_hidden_size),
+        "student_hidden": int(student_cfg.vision_config.out_hidden_size),
+        "teacher_vision_config": teacher_cfg.vision_config.to_dict(),
+    }
+
+
+def _teacher_vision_config(model, spec: dict):
+    cfg = unwrap_model(model).config
+    vc = type(cfg.vision_config)(**{k: v for k, v in spec["teacher_vision_config"].items()
+                                    if k not in ("model_type", "transformers_version")})
+    return vc
+
+
+def _install_merger_fetch(model, spec: dict, weights: dict, dtype: torch.dtype, init_adapter: bool, from_checkpoint: bool):
+    """Replace each merger slot of the student's vision model by a :class:`FetchedMerger`.
+
+    ``weights``: ``{slot: {name: tensor}}`` (a teacher folder's mergers, or a checkpoint's
+    ``teacher_merger.*`` / ``adapter.*``)."""
+    visual = _visual(model)
+    unwrap_model(model)._distill_merger_spec = {k: v for k, v in spec.items() if k != "kind"}
+    tvc = _teacher_vision_config(model, spec)
+    for slot in spec["slots"]:
+        if slot not in weights:
+            raise ModelConfigError(f"cannot fetch merger {slot!r}: its tensors are missing.")
+        w = weights[slot]
+        fetched = _new_module(
+            lambda: FetchedMerger(new_teacher_merger(spec["family"], tvc, slot), spec["teacher_hidden"], spec["student_hidden"]),
+            _get_slot(visual, slot), dtype)
+        teacher = {k[len("teacher_merger."):]: v for k, v in w.items() if k.startswith("teacher_merger.")} if from_checkpoint else w
+        try:
+            _write(fetched.teacher_merger, teacher)
+        except KeyError as exc:
+            raise ModelConfigError(f"merger {slot!r}: tensor {exc} missing; the folder is incomplete.") from exc
+        if init_adapter:
+            with _gathered(list(fetched.adapter.parameters())):
+                init_adapter_(fetched.adapter)
+        else:
+            _write(fetched.adapter, w, "adapter.")
+        fetched.teacher_merger.requires_grad_(False)
+        _set_slot(visual, slot, fetched)
+
+
+def _install_merger_folded(model, spec: dict, weights: dict) -> None:
+    """Fold each stored fetched merger into the student's stock merger (exact)."""
+    visual = _visual(model)
+    for slot in spec["slots"]:
+        w = weights[slot]
+        teacher = {k[len("teacher_merger."):]: v for k, v in w.items() if k.startswith("teacher_merger.")}
+        adapter = {k[len("adapter."):]: v for k, v in w.items() if k.startswith("adapter.")}
+        _write(_get_slot(visual, slot), fold_merger(spec["family"], teacher, adapter))
+
+
+def _fetch_image_newline(model, teacher_path, proj: FetchedProjector) -> None:
+    """LLaVA-OneVision: the student's ``image_newline`` (``[Hs]``, appended after the projector at
+    the end of each row of image tokens) starts as the teacher's newline mapped through the
+    fetched adapter, ``P t + p``: the same map that takes the teacher's projected image tokens to
+    the student's width, so the newline rows keep their relation to the image rows. It stays a
+    plain ``[Hs]`` parameter of the stock layout (so export needs no fold for it) and trains with
+    the projector (``model.train_projector``)."""
+    from safetensors import safe_open
+
+    home = projector_home(model)
+    if not hasattr(home, "image_newline"):
+        return
+    t = None
+    for f in weight_files(teacher_path, "teacher"):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                if key.endswith("image_newline"):
+                    t = fh.get_tensor(key)
+    if t is None:
+        raise ModelConfigError(f"teacher folder {str(teacher_path)!r}: no image_newline tensor to fetch.")
+    with _gathered([home.image_newline, *proj.adapter.parameters()]), torch.no_grad():
+        home.image_newline.copy_(proj.adapter(t.to(proj.adapter.weight)).to(home.image_newline.dtype))
+
+
 def teacher_projector_spec(student_cfg, teacher_cfg) -> dict:
     """Shapes/settings of the ``FetchedProjector`` for a student/teacher config pair."""
     check_fetch_shapes(student_cfg, teacher_cfg)
@@ -223,12 +336,22 @@ def build_student(
                 "projector is fetched). Pass teacher_path, or set adapter_fetch: false."
             )
         scfg, tcfg = load_llava_config(p, "student"), load_llava_config(teacher_path, "teacher")
-        spec = teacher_projector_spec(scfg, tcfg)
-        weights = read_projector_weights(teacher_path, "teacher")
-        validate_teacher_projector(weights, spec["in_features"], spec["teacher_hidden"], spec["bias"])
+        kind = fetch_support(tcfg)
+        if kind == "merger":
+            check_fetch_shapes(scfg, tcfg)
+            spec = merger_spec(scfg, tcfg)
+            weights = read_merger_weights(teacher_path, "teacher")
+        else:
+            spec = teacher_projector_spec(scfg, tcfg)
+            weights = read_projector_weights(teacher_path, "teacher")
+            validate_teacher_projector(weights, spec["in_features"], spec["teacher_hidden"], spec["bias"])
     model = load_vlm(p, dtype=dtype, attn_implementation=attn_implementation, role="student")
     if adapter_fetch:
-        _install_fetched(model, spec, weights, dtype, init_adapter=True)
+        if kind == "merger":
+            _install_merger_fetch(model, spec, weights, dtype, init_adapter=True, from_checkpoint=False)
+        else:
+            proj = _install_fetched(model, spec, weights, dtype, init_adapter=True)
+            _fetch_image_newline(model, teacher_path, proj)
     model.train()
     return model
 
@@ -264,8 +387,15 @@ def save_student_checkpoint(out_dir: str | os.PathLike, model, processor, state_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     module = unwrap_model(model)
-    proj = projector_home(module).multi_modal_projector
-    projector = {"kind": "fetched", **proj.spec()} if isinstance(proj, FetchedProjector) else {"kind": "stock"}
+    if module.config.model_type in MERGER_FAMILIES:
+        merger = _visual(module).merger
+        projector = dict(getattr(module, "_distill_merger_spec", {}), kind="fetched_merger") \
+            if isinstance(merger, FetchedMerger) else {"kind": "stock"}
+        if projector["kind"] == "fetched_merger" and "slots" not in projector:
+            raise ModelConfigError("internal: a fetched merger without its spec (build it with build_student).")
+    else:
+        proj = projector_home(module).multi_modal_projector
+        projector = {"kind": "fetched", **proj.spec()} if isinstance(proj, FetchedProjector) else {"kind": "stock"}
     if state_dict is None:
         state_dict = module.state_dict()
     if not state_dict:
@@ -281,21 +411,29 @@ def save_student_checkpoint(out_dir: str | os.PathLike, model, processor, state_
 
 
 @contextlib.contextmanager
-def _expect_fetched_keys():
-    """Let ``from_pretrained`` expect the fetched projector's keys instead of the stock ones.
+def _expect_fetched_keys(cfg=None):
+    """Let ``from_pretrained`` expect the fetched projector's (or merger's) keys instead of the stock ones.
 
-    Temporarily extends the class-level ignore patterns of ``LlavaForConditionalGeneration`` (read
-    by ``post_init``) so loading a training-form checkpoint logs no spurious missing/unexpected
-    keys; the stock projector it builds is replaced right after.
+    Temporarily extends the class-level ignore patterns of the family's model class (the one
+    ``AutoModelForImageTextToText`` picks for ``cfg``; LLaVA without one; read by ``post_init``) so
+    loading a training-form checkpoint logs no spurious missing/unexpected keys; the stock
+    projector it builds is replaced (or overwritten by the fold) right after.
     """
-    from transformers import LlavaForConditionalGeneration as cls
+    from transformers import LlavaForConditionalGeneration
 
+    cls = LlavaForConditionalGeneration
+    if cfg is not None and cfg.model_type != "llava":
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+        cls = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(cfg)]
     saved = {k: cls.__dict__.get(k) for k in ("_keys_to_ignore_on_load_unexpected", "_keys_to_ignore_on_load_missing")}
     cls._keys_to_ignore_on_load_unexpected = list(saved["_keys_to_ignore_on_load_unexpected"] or []) + [
-        r"multi_modal_projector\.(teacher_projector|adapter)\."
+        r"multi_modal_projector\.(teacher_projector|adapter)\.",
+        r"visual\.(merger|deepstack_merger_list\.\d+)\.(teacher_merger|adapter)\.",
     ]
     cls._keys_to_ignore_on_load_missing = list(saved["_keys_to_ignore_on_load_missing"] or []) + [
-        r"multi_modal_projector\.linear_[12]\."
+        r"multi_modal_projector\.linear_[12]\.",
+        r"visual\.(merger|deepstack_merger_list\.\d+)\.(ln_q|mlp|norm|linear_fc[12])\.",
     ]
     try:
         yield
@@ -328,11 +466,21 @@ def load_student_checkpoint(
             "for stock Hugging Face folders."
         )
     meta = _read_meta(p)
-    load_llava_config(p, "checkpoint")
+    ccfg = load_llava_config(p, "checkpoint")
     weight_files(p, "checkpoint")
     spec = meta["projector"]
     if spec.get("kind") == "stock":
         model = load_vlm(p, dtype=dtype, attn_implementation=attn_implementation, role="checkpoint")
+        model.train()
+        return model
+    if spec.get("kind") == "fetched_merger":
+        weights = read_merger_weights(p, "checkpoint")
+        with _expect_fetched_keys(load_llava_config(p, "checkpoint")):
+            model = load_vlm(p, dtype=dtype, attn_implementation=attn_implementation, role="checkpoint")
+        if adapter_fetch:
+            _install_merger_fetch(model, spec, weights, dtype, init_adapter=False, from_checkpoint=True)
+        else:
+            _install_merger_folded(model, spec, weights)
         model.train()
         return model
     if spec.get("kind") != "fetched":
@@ -341,7 +489,7 @@ def load_student_checkpoint(
     validate_teacher_projector(weights, spec["in_features"], spec["teacher_hidden"], spec["bias"], role="checkpoint")
     if "adapter.weight" not in weights or tuple(weights["adapter.weight"].shape) != (spec["student_hidden"], spec["teacher_hidden"]):
         raise ModelConfigError(f"checkpoint {str(p)!r}: adapter weights missing or misshapen; the checkpoint is incomplete.")
-    with _expect_fetched_keys():
+    with _expect_fetched_keys(ccfg):
         model = load_vlm(p, dtype=dtype, attn_implementation=attn_implementation, role="checkpoint")
     if adapter_fetch:
         _install_fetched(model, spec, weights, dtype, init_adapter=False)

@@ -41,9 +41,23 @@ def model_folder(path: str | os.PathLike, role: str = "model") -> Path:
     return p
 
 
-def load_llava_config(path: str | os.PathLike, role: str = "model"):
-    """Read and validate the ``LlavaConfig`` of a folder (no weights are read)."""
-    from transformers import AutoConfig, LlavaConfig
+FAMILY_MODEL_TYPES = ("llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
+"""``config.json`` model types the pipeline loads (each through transformers' own class, found by
+``AutoModelForImageTextToText`` from the config; nothing here maps a type to a class)."""
+
+
+def family_of_config(cfg) -> str:
+    """The family (``config.model_type``) of a loaded VLM config."""
+    return str(getattr(cfg, "model_type", None))
+
+
+def load_vlm_config(path: str | os.PathLike, role: str = "model", llava_only: bool = False):
+    """Read and validate the composite VLM config of a folder (no weights are read).
+
+    Accepted: the model types of :data:`FAMILY_MODEL_TYPES` (LLaVA, Qwen2.5-VL, Qwen3-VL,
+    LLaVA-OneVision, InternVL); ``llava_only`` restricts it to LLaVA.
+    """
+    from transformers import AutoConfig
 
     p = model_folder(path, role)
     try:
@@ -51,24 +65,31 @@ def load_llava_config(path: str | os.PathLike, role: str = "model"):
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelConfigError(f"{role} folder {str(p)!r}: config.json is not valid JSON ({exc}).") from exc
     model_type = raw.get("model_type")
-    if model_type != "llava":
+    allowed = ("llava",) if llava_only else FAMILY_MODEL_TYPES
+    if model_type not in allowed:
         raise ModelConfigError(
             f"{role} folder {str(p)!r} is not LLaVA-style: config.json has model_type={model_type!r}, "
-            "expected 'llava' (LlavaForConditionalGeneration: vision tower + multi_modal_projector + "
-            "text model, image tokens = image_token_id in input_ids). Convert the checkpoint to the "
-            "transformers LLaVA format (e.g. llava-hf/* or llava-onevision converted with the "
-            "transformers conversion scripts)."
+            f"expected one of {', '.join(repr(a) for a in allowed)} (a vision tower + projector + text model "
+            "whose image tokens are image_token_id in input_ids: LlavaForConditionalGeneration, "
+            "Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, "
+            "LlavaOnevisionForConditionalGeneration, InternVLForConditionalGeneration). Convert the checkpoint "
+            "to the transformers format of its family (e.g. the llava-hf/*, Qwen/*-VL or OpenGVLab/*-hf folders)."
         )
     try:
         cfg = AutoConfig.from_pretrained(p)
     except Exception as exc:  # transformers raises many types for malformed configs
         raise ModelConfigError(f"{role} folder {str(p)!r}: transformers cannot parse config.json: {exc}") from exc
-    if not isinstance(cfg, LlavaConfig):
-        raise ModelConfigError(f"{role} folder {str(p)!r}: config parsed as {type(cfg).__name__}, expected LlavaConfig.")
+    if getattr(cfg, "model_type", None) != model_type:
+        raise ModelConfigError(f"{role} folder {str(p)!r}: config parsed as {type(cfg).__name__}, expected model_type {model_type!r}.")
     for key in ("vision_config", "text_config"):
         if getattr(cfg, key, None) is None:
             raise ModelConfigError(f"{role} folder {str(p)!r}: config.json has no {key}.")
     return cfg
+
+
+def load_llava_config(path: str | os.PathLike, role: str = "model"):
+    """The validated config of a folder of any supported family (:func:`load_vlm_config`)."""
+    return load_vlm_config(path, role)
 
 
 def weight_files(path: str | os.PathLike, role: str = "model") -> list[Path]:
@@ -137,42 +158,123 @@ def text_hidden_size(path: str | os.PathLike) -> int:
 
 
 def load_vlm(path: str | os.PathLike, dtype=torch.float32, attn_implementation: str | None = None, role: str = "model"):
-    """Load a stock HF LLaVA folder as ``LlavaForConditionalGeneration`` (validated first).
+    """Load a stock HF VLM folder through transformers' own class (validated first).
 
-    Under an alive ZeRO-3 ``HfDeepSpeedConfig`` transformers loads it partitioned (``zero.Init``).
-    For a student checkpoint folder use :func:`distill.models.load_student_checkpoint`.
+    The class is the one ``AutoModelForImageTextToText`` picks from the config (LLaVA, Qwen2.5-VL,
+    Qwen3-VL, LLaVA-OneVision, InternVL). Under an alive ZeRO-3 ``HfDeepSpeedConfig``
+    transformers loads it partitioned (``zero.Init``). For a student checkpoint folder use
+    :func:`distill.models.load_student_checkpoint`.
 
-    A folder whose projector is wider inside than the text model (``projector_intermediate_size``
+    A LLaVA folder whose projector is wider inside than the text model (``projector_intermediate_size``
     in its config: an exact export of a student trained with a wider teacher's projector fetched)
     loads as ``DistillLlavaForConditionalGeneration`` from this package (the same class the folder
     ships for ``trust_remote_code``); no code from the folder is run.
     """
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    cfg = load_llava_config(path, role)
+    cfg = load_vlm_config(path, role)
     weight_files(path, role)
     kwargs = {"dtype": as_torch_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    cls = LlavaForConditionalGeneration
     if has_wide_projector(cfg):
-        from .modeling_distill_llava import DistillLlavaForConditionalGeneration as cls
-    return cls.from_pretrained(Path(path), **kwargs)
+        from .modeling_distill_llava import WIDE_CLASSES
+
+        if cfg.model_type not in WIDE_CLASSES:
+            raise ModelConfigError(f"{role} folder {str(path)!r}: projector_intermediate_size is set but model_type "
+                                   f"{cfg.model_type!r} has no wide-projector class; remove it from config.json.")
+        return WIDE_CLASSES[cfg.model_type].from_pretrained(Path(path), **kwargs)
+    if cfg.model_type == "llava":
+        from transformers import LlavaForConditionalGeneration
+
+        # a folder with auto_map (custom export) must not pull remote code in through the auto class
+        return LlavaForConditionalGeneration.from_pretrained(Path(path), **kwargs)
+    return AutoModelForImageTextToText.from_pretrained(Path(path), config=cfg, **kwargs)
 
 
 def has_wide_projector(cfg) -> bool:
     """True when a LLaVA config's projector has an inner width other than the text hidden size."""
     inner = getattr(cfg, "projector_intermediate_size", None)
-    return bool(inner) and int(inner) != int(cfg.text_config.hidden_size)
+    return bool(inner) and int(inner) != int(cfg.get_text_config().hidden_size)
+
+
+def torchvision_ok() -> bool:
+    """Whether torchvision imports (transformers' video processors, hence ``AutoProcessor`` for the
+    Qwen-VL / OneVision / InternVL processors, need it)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # a CUDA-only wheel on a CPU torch fails with RuntimeError/OSError, not ImportError
+        return False
+    return True
+
+
+def processor_without_video(cls):
+    """The stock processor class, accepting ``video_processor=None`` (its class check needs torchvision)."""
+
+    def check(self, name, arg):
+        if arg is None and name == "video_processor":
+            return None
+        return cls.check_argument_for_proper_class(self, name, arg)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """What ``ProcessorMixin.save_pretrained`` writes (tokenizer files, ``chat_template.jinja``,
+        ``processor_config.json`` with the image processor's and the source folder's video processor
+        settings), without a video processor object."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer._set_processor_class(cls.__name__)
+        self.tokenizer.save_pretrained(out)
+        if self.chat_template:
+            (out / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        cfg = dict(getattr(self, "_distill_processor_config", None) or {})
+        cfg.update({"image_processor": self.image_processor.to_dict(), "processor_class": cls.__name__})
+        (out / "processor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return [str(out / "processor_config.json")]
+
+    return type(cls.__name__, (cls,), {"check_argument_for_proper_class": check, "save_pretrained": save_pretrained,
+                                       "__module__": cls.__module__})
+
+
+def _auto_processor(p: Path):
+    """The folder's stock processor: ``AutoProcessor.from_pretrained`` where torchvision imports (or
+    the processor class holds no video processor), else the same class (named by
+    ``processor_config.json`` or the tokenizer config) built from the folder's tokenizer, image
+    processor, chat template and processor settings with ``video_processor=None`` (images and text
+    go through the stock code unchanged; only videos are unavailable)."""
+    import inspect
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    if torchvision_ok():
+        return AutoProcessor.from_pretrained(p)
+    cfg_path = p / "processor_config.json"
+    proc_cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    tokenizer = AutoTokenizer.from_pretrained(p)
+    name = proc_cfg.get("processor_class") or tokenizer.init_kwargs.get("processor_class")
+    base = getattr(transformers, name, None) if name else None
+    if base is None or "video_processor" not in base.get_attributes():
+        return AutoProcessor.from_pretrained(p)  # no video processor: the stock path works as it is
+    params = inspect.signature(base.__init__).parameters
+    kwargs = {k: v for k, v in proc_cfg.items()
+              if k in params and k not in ("image_processor", "tokenizer", "video_processor", "chat_template")}
+    template = p / "chat_template.jinja"
+    chat = template.read_text(encoding="utf-8") if template.exists() else tokenizer.chat_template
+    proc = processor_without_video(base)(image_processor=AutoImageProcessor.from_pretrained(p), tokenizer=tokenizer,
+                                         video_processor=None, chat_template=chat, **kwargs)
+    proc._distill_processor_config = {k: v for k, v in proc_cfg.items() if k != "image_processor"}
+    return proc
 
 
 def load_processor(path: str | os.PathLike, role: str = "model"):
-    """``AutoProcessor`` of a folder (image processor + tokenizer + chat template), validated."""
-    from transformers import AutoProcessor
+    """The folder's processor (image processor + tokenizer + chat template), validated.
 
+    ``AutoProcessor`` where it works; for the processor classes that hold a video processor
+    (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL) on an install without torchvision, the same
+    stock class with ``video_processor=None`` (see :func:`_auto_processor`)."""
     p = model_folder(path, role)
     try:
-        proc = AutoProcessor.from_pretrained(p)
+        proc = _auto_processor(p)
     except Exception as exc:
         raise ModelConfigError(
             f"{role} folder {str(p)!r}: cannot load its processor ({exc}). The folder needs the files "
@@ -182,7 +284,8 @@ def load_processor(path: str | os.PathLike, role: str = "model"):
     if not hasattr(proc, "image_processor") or not hasattr(proc, "tokenizer"):
         raise ModelConfigError(
             f"{role} folder {str(p)!r}: AutoProcessor gave {type(proc).__name__}, not a multimodal "
-            "processor with an image processor and a tokenizer. Save a LlavaProcessor into the folder."
+            "processor with an image processor and a tokenizer. Save the family's processor (e.g. a "
+            "LlavaProcessor) into the folder."
         )
     return proc
 
@@ -302,6 +405,24 @@ def check_pair(student_path: str | os.PathLike, teacher_path: str | os.PathLike,
             "must mark image positions with the same token id. Use a pair from one family or fix the "
             "student's config.image_token_id (and its tokenizer) to the teacher's."
         )
+    if scfg.model_type != tcfg.model_type:
+        raise ModelConfigError(
+            f"{pair}: the models are of different families (student model_type={scfg.model_type!r}, teacher "
+            f"{tcfg.model_type!r}); their processors expand an image to different visual tokens. Use a "
+            "student and a teacher of one family."
+        )
+    if scfg.model_type != "llava":
+        count = check_family_visual_tokens(sp, tp, scfg, tcfg, pair)
+        if adapter_fetch:
+            check_fetch_shapes(scfg, tcfg, pair)
+        return {
+            "vocab_size": real,
+            "student_vocab_rows": s_rows,
+            "teacher_vocab_rows": t_rows,
+            "image_token_id": int(image_token_id(scfg)),
+            "num_image_tokens": count,
+            "family": scfg.model_type,
+        }
     sg, tg = image_geometry(sp, scfg), image_geometry(tp, tcfg)
     if sg["image_size"] != tg["image_size"]:
         raise ModelConfigError(
@@ -325,6 +446,86 @@ def check_pair(student_path: str | os.PathLike, teacher_path: str | os.PathLike,
     }
 
 
+# Per family: the settings that decide how many visual tokens (and which pixels) an image gives.
+# ("processor", key): a key of the merged processor_config.json / preprocessor_config.json (the image
+# processor's settings and the processor's own); ("config", dotted attribute): of config.json.
+_QWEN_TOKEN_SETTINGS = (
+    ("processor", "patch_size"), ("processor", "merge_size"), ("processor", "temporal_patch_size"),
+    ("processor", "min_pixels"), ("processor", "max_pixels"), ("processor", "size"),
+    ("processor", "image_mean"), ("processor", "image_std"),
+    ("config", "vision_config.patch_size"), ("config", "vision_config.spatial_merge_size"),
+    ("config", "vision_config.temporal_patch_size"),
+)
+FAMILY_TOKEN_SETTINGS = {
+    "qwen2_5_vl": _QWEN_TOKEN_SETTINGS,
+    "qwen3_vl": _QWEN_TOKEN_SETTINGS,
+    "llava_onevision": (
+        ("processor", "image_grid_pinpoints"), ("processor", "vision_aspect_ratio"), ("processor", "size"),
+        ("processor", "crop_size"), ("processor", "num_image_tokens"), ("processor", "vision_feature_select_strategy"),
+        ("processor", "image_mean"), ("processor", "image_std"), ("processor", "do_pad"),
+        ("config", "image_grid_pinpoints"), ("config", "vision_aspect_ratio"),
+        ("config", "vision_feature_select_strategy"), ("config", "vision_config.image_size"),
+        ("config", "vision_config.patch_size"),
+    ),
+    "internvl": (
+        ("processor", "size"), ("processor", "crop_to_patches"), ("processor", "min_patches"),
+        ("processor", "max_patches"), ("processor", "use_thumbnail"), ("processor", "image_seq_length"),
+        ("processor", "image_mean"), ("processor", "image_std"),
+        ("config", "image_seq_length"), ("config", "downsample_ratio"), ("config", "vision_feature_select_strategy"),
+        ("config", "vision_config.image_size"), ("config", "vision_config.patch_size"),
+    ),
+}
+
+
+def _config_attr(cfg, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _norm_setting(v):
+    if isinstance(v, tuple):
+        return [_norm_setting(x) for x in v]
+    if isinstance(v, list):
+        return [_norm_setting(x) for x in v]
+    return v
+
+
+def check_family_visual_tokens(sp: Path, tp: Path, scfg, tcfg, pair: str = "pair") -> None:
+    """The student and the teacher of a Qwen-VL / OneVision / InternVL pair expand every image to
+    the same visual tokens: the settings of :data:`FAMILY_TOKEN_SETTINGS` must agree (config only)."""
+    family = scfg.model_type
+    sproc, tproc = _processor_json(sp) or {}, _processor_json(tp) or {}
+    if not sproc or not tproc:
+        missing = "student" if not sproc else "teacher"
+        raise ModelConfigError(
+            f"{pair}: the {missing} folder has no processor settings (processor_config.json / "
+            "preprocessor_config.json), so the visual tokens per image cannot be checked. Save the family's "
+            "processor into it (copy the teacher's processor files into the student folder)."
+        )
+    for where, key in FAMILY_TOKEN_SETTINGS.get(family, ()):
+        if where == "processor":
+            a, b = _norm_setting(sproc.get(key)), _norm_setting(tproc.get(key))
+            fix = ("copy the teacher's processor settings into the student folder (its preprocessor_config.json / "
+                   "processor_config.json), so both processors expand an image alike")
+            name = f"processor setting {key!r}"
+        else:
+            a, b = _norm_setting(_config_attr(scfg, key)), _norm_setting(_config_attr(tcfg, key))
+            fix = (f"set the student's config.json {key} to the teacher's value (the vision tower must cut and "
+                   "merge an image like the teacher's)")
+            name = f"config setting {key!r}"
+        if a != b:
+            raise ModelConfigError(
+                f"{pair}: {family} {name} differs (student {a!r}, teacher {b!r}); it decides the visual tokens per "
+                f"image, which must be the same in both models for logit and visual-attention distillation. To "
+                f"align them, {fix}."
+            )
+    return None
+
+
 def vision_feature_width(cfg) -> int:
     """Input width of the projector: vision hidden size x number of selected feature layers."""
     layers = cfg.vision_feature_layer
@@ -333,7 +534,21 @@ def vision_feature_width(cfg) -> int:
 
 
 def check_fetch_shapes(scfg, tcfg, pair: str = "pair") -> None:
-    """The student's vision features must be the teacher projector's input."""
+    """The student's vision features must be the teacher projector's input (and the family's layout
+    must allow the fetch: :func:`distill.models.projector.fetch_support`)."""
+    from .projector import fetch_support
+
+    fetch_support(tcfg)
+    if scfg.model_type in ("qwen2_5_vl", "qwen3_vl"):
+        for key in ("hidden_size", "spatial_merge_size", "deepstack_visual_indexes"):
+            a, b = getattr(scfg.vision_config, key, None), getattr(tcfg.vision_config, key, None)
+            if a != b:
+                raise ModelConfigError(
+                    f"{pair}: teacher-adapter fetch reuses the teacher's merger on the student's vision features, "
+                    f"so vision_config.{key} must match (student {a!r}, teacher {b!r}). Use the same vision tower "
+                    "in both, or train with adapter_fetch: false."
+                )
+        return
     sw, tw = vision_feature_width(scfg), vision_feature_width(tcfg)
     if sw != tw:
         raise ModelConfigError(

@@ -15,7 +15,7 @@
 """LLaVA with a projector of inner width ``config.projector_intermediate_size`` (distill export)."""
 
 from torch import nn
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from transformers.activations import ACT2FN
 
 
@@ -54,6 +54,23 @@ class DistillLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.post_init()
 
 
+class DistillLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+    """``LlavaOnevisionForConditionalGeneration`` whose projector is :class:`DistillLlavaMultiModalProjector`
+    (LLaVA-OneVision's projector has LLaVA's layout and parameter names; ``image_newline`` is unchanged)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.multi_modal_projector = DistillLlavaMultiModalProjector(config)
+        self.post_init()
+
+
+WIDE_CLASSES = {
+    "llava": DistillLlavaForConditionalGeneration,
+    "llava_onevision": DistillLlavaOnevisionForConditionalGeneration,
+}
+"""model_type -> the class with a projector of inner width ``projector_intermediate_size``."""
+
+
 def _register_llava_key_renames() -> None:
     """Give this class transformers' LLaVA checkpoint key renames (legacy ``language_model.lm_head``
     etc.), which transformers applies to its own classes only. Folders written by distill.export
@@ -67,9 +84,10 @@ def _register_llava_key_renames() -> None:
         )
     except ImportError:  # older/newer transformers without the registry: native layout still loads
         return
-    renames = get_checkpoint_conversion_mapping("llava")
-    if renames:
-        register_checkpoint_conversion_mapping(DistillLlavaForConditionalGeneration.__name__, renames, overwrite=True)
+    for model_type, cls in WIDE_CLASSES.items():
+        renames = get_checkpoint_conversion_mapping(model_type)
+        if renames:
+            register_checkpoint_conversion_mapping(cls.__name__, renames, overwrite=True)
 
 
 _register_llava_key_renames()

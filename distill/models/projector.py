@@ -322,3 +322,118 @@ def fit_stock_projector(
         "units_kept": int(len(units)),
     }
     return {k_: t.cpu() for k_, t in best.items()}, report
+
+
+# ----------------------------------------------------------------------------- per-family fetch support
+
+MERGER_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+"""Families whose projector is the vision model's patch merger (``model.visual.merger``; Qwen3-VL
+also every ``model.visual.deepstack_merger_list[i]``), each ending in a Linear to the text width."""
+
+MERGER_LAST_LINEAR = {"qwen2_5_vl": "mlp.2", "qwen3_vl": "linear_fc2"}
+"""The merger's final ``Linear(hidden, out_hidden_size)``: the one the adapter folds into."""
+
+PROJECTOR_FAMILIES = ("llava", "llava_onevision")
+"""Families with a LLaVA projector ``linear_2(act(linear_1(x)))`` at ``model.multi_modal_projector``."""
+
+
+def fetch_support(cfg) -> str:
+    """``"projector"`` / ``"merger"``: how the teacher adapter of ``cfg``'s family is fetched; raises a
+    :class:`ModelConfigError` (at config time) for a family where the fetch is out of scope."""
+    fam = getattr(cfg, "model_type", None)
+    if fam in PROJECTOR_FAMILIES:
+        return "projector"
+    if fam in MERGER_FAMILIES:
+        return "merger"
+    if fam == "internvl":
+        raise ModelConfigError(
+            "teacher-adapter fetch is not supported for InternVL: its projector is LayerNorm -> Linear(V, Ht) -> GELU "
+            "-> Linear(Ht, Ht), and transformers' InternVLMultiModalProjector fixes the inner width to the "
+            "student's text hidden size, so the fetched projector (inner width Ht) has no export in the "
+            "family's stock layout (and no custom InternVL class is shipped). Set `model.adapter_fetch: false` "
+            "(the student trains its own projector)."
+        )
+    raise ModelConfigError(
+        f"teacher-adapter fetch is not supported for model_type {fam!r}. Set `model.adapter_fetch: false`."
+    )
+
+
+def merger_slots(vision_config, family: str) -> list[str]:
+    """Attribute paths (under ``model.visual``) of the mergers the fetch replaces."""
+    slots = ["merger"]
+    if family == "qwen3_vl":
+        slots += [f"deepstack_merger_list.{i}" for i in range(len(getattr(vision_config, "deepstack_visual_indexes", []) or []))]
+    return slots
+
+
+def new_teacher_merger(family: str, teacher_vision_config, slot: str) -> nn.Module:
+    """An empty merger of the teacher's shape (transformers' own class) for ``slot``."""
+    if family == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
+
+        vc = teacher_vision_config
+        return Qwen2_5_VLPatchMerger(dim=vc.out_hidden_size, context_dim=vc.hidden_size, spatial_merge_size=vc.spatial_merge_size)
+    if family == "qwen3_vl":
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchMerger
+
+        return Qwen3VLVisionPatchMerger(teacher_vision_config, use_postshuffle_norm=slot != "merger")
+    raise ModelConfigError(f"internal: no merger for family {family!r}")
+
+
+class FetchedMerger(nn.Module):
+    """A frozen copy of the teacher's patch merger followed by a trainable ``Linear(Ht, Hs)`` adapter.
+
+    Same call as the merger it replaces: ``[tokens, vision hidden]`` -> ``[merged tokens, Hs]``.
+    Folds exactly into the student's stock merger (its last Linear is ``hidden -> Hs``):
+    ``W' = P W``, ``b' = P b + p`` (:func:`fold_merger`)."""
+
+    def __init__(self, teacher_merger: nn.Module, teacher_hidden: int, student_hidden: int):
+        super().__init__()
+        self.teacher_merger = teacher_merger
+        self.adapter = nn.Linear(teacher_hidden, student_hidden, bias=True)
+        self.teacher_merger.requires_grad_(False)
+        # read by transformers' Qwen vision code / the merger's callers
+        self.hidden_size = getattr(teacher_merger, "hidden_size", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.teacher_merger(x))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher_merger.train(False)
+        return self
+
+
+_MERGER_KEY = re.compile(r"(?:^|\.)visual\.(merger|deepstack_merger_list\.\d+)\.(.+)$")
+
+
+def read_merger_weights(path: str | Path, role: str = "teacher") -> dict[str, dict[str, torch.Tensor]]:
+    """``{slot: {name: tensor}}`` of a folder's merger tensors (``model.visual.merger.*``,
+    ``model.visual.deepstack_merger_list.i.*``), read from its safetensors (no model load)."""
+    from safetensors import safe_open
+
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for f in weight_files(path, role):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                m = _MERGER_KEY.search(key)
+                if m:
+                    found.setdefault(m.group(1), {})[m.group(2)] = fh.get_tensor(key)
+    if "merger" not in found:
+        raise ModelConfigError(
+            f"{role} folder {str(path)!r}: cannot fetch its merger: no '*visual.merger.*' tensors in its safetensors "
+            "files. Train with adapter_fetch: false."
+        )
+    return found
+
+
+def fold_merger(family: str, teacher: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Teacher merger tensors + adapter -> the student's stock merger tensors (fp32, exact)."""
+    last = MERGER_LAST_LINEAR[family]
+    out = {k: v.float().clone() for k, v in teacher.items() if not k.startswith(last + ".")}
+    pw = adapter["weight"].float()
+    out[last + ".weight"] = pw @ teacher[last + ".weight"].float()
+    b = teacher.get(last + ".bias")
+    out[last + ".bias"] = (pw @ b.float() if b is not None else torch.zeros(pw.shape[0])) + (
+        adapter["bias"].float() if adapter.get("bias") is not None else 0.0)
+    return out

@@ -254,23 +254,17 @@ def _processor_class(family: str):
 
 
 def _without_video(cls):
-    """The stock processor class, accepting ``video_processor=None`` (its class check needs torchvision)."""
+    """The stock processor class, accepting ``video_processor=None`` (:func:`distill.models.loading.processor_without_video`)."""
+    from .loading import processor_without_video
 
-    def check(self, name, arg):
-        if arg is None and name == "video_processor":
-            return None
-        return cls.check_argument_for_proper_class(self, name, arg)
-
-    return type(cls.__name__, (cls,), {"check_argument_for_proper_class": check, "__module__": cls.__module__})
+    return processor_without_video(cls)
 
 
 def torchvision_ok() -> bool:
-    """Whether torchvision imports (transformers' video processors, hence ``AutoProcessor``, need it)."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # a CUDA-only wheel on a CPU torch fails with RuntimeError/OSError, not ImportError
-        return False
-    return True
+    """Whether torchvision imports (:func:`distill.models.loading.torchvision_ok`)."""
+    from .loading import torchvision_ok as ok
+
+    return ok()
 
 
 def make_processor(family: str, tokenizer=None, image_proc=None):
@@ -296,34 +290,12 @@ def save_processor(family: str, tokenizer, image_proc, out: Path) -> None:
 
 
 def load_processor(folder: str | os.PathLike):
-    """The folder's stock processor: ``AutoProcessor.from_pretrained`` where torchvision imports, else the
-    same class (named by ``processor_config.json``, or the tokenizer config) built from the folder's
-    tokenizer, image processor, chat template and processor settings, with ``video_processor=None``.
+    """The folder's stock processor: :func:`distill.models.loading.load_processor` (``AutoProcessor``
+    where torchvision imports, else the same class with ``video_processor=None``; the one loader of
+    the project, for these families' real checkpoints too)."""
+    from .loading import load_processor as load
 
-    Works for any processor folder whose class holds a video processor (these families' real
-    checkpoints too), not only for the ones written here."""
-    import inspect
-
-    import transformers
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-    folder = Path(folder)
-    if torchvision_ok():
-        return AutoProcessor.from_pretrained(folder)
-    cfg_path = folder / "processor_config.json"
-    proc_cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    name = proc_cfg.get("processor_class") or tokenizer.init_kwargs.get("processor_class")
-    base = getattr(transformers, name, None) if name else None
-    if base is None or "video_processor" not in base.get_attributes():
-        return AutoProcessor.from_pretrained(folder)  # no video processor: the stock path works as it is
-    params = inspect.signature(base.__init__).parameters
-    kwargs = {k: v for k, v in proc_cfg.items()
-              if k in params and k not in ("image_processor", "tokenizer", "video_processor", "chat_template")}
-    template = folder / "chat_template.jinja"
-    chat = template.read_text(encoding="utf-8") if template.exists() else tokenizer.chat_template
-    return _without_video(base)(image_processor=AutoImageProcessor.from_pretrained(folder), tokenizer=tokenizer,
-                                video_processor=None, chat_template=chat, **kwargs)
+    return load(folder)
 
 
 def family_info(folder: str | os.PathLike) -> dict:

@@ -5,19 +5,44 @@ import torch
 
 from .loading import ModelConfigError
 
-__all__ = ["select_trainable", "merge_lora_state_dict"]
+__all__ = ["select_trainable", "merge_lora_state_dict", "projector_modules", "vision_tower"]
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The vision encoder: ``model.model.vision_tower`` (LLaVA, OneVision, InternVL) or
+    ``model.model.visual`` (Qwen-VL, whose patch merger inside it is the projector)."""
+    inner = model.model
+    tower = getattr(inner, "vision_tower", None)
+    return tower if tower is not None else inner.visual
+
+
+def projector_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The vision-to-text projector(s): ``multi_modal_projector``, or Qwen-VL's ``visual.merger``
+    (+ Qwen3-VL's ``visual.deepstack_merger_list``)."""
+    inner = model.model
+    proj = getattr(inner, "multi_modal_projector", None)
+    if proj is not None:
+        return [proj]
+    visual = inner.visual
+    return [visual.merger, *list(getattr(visual, "deepstack_merger_list", None) or [])]
 
 
 def select_trainable(model: torch.nn.Module, mcfg) -> None:
     """Set ``requires_grad`` by config: projector path, LLM (full / LoRA / frozen), vision tower."""
     model.requires_grad_(False)
     inner = model.model
-    proj = inner.multi_modal_projector
-    if mcfg.train_projector:
-        # with adapter fetch only the adapter trains; the teacher's projector copy stays frozen
-        (proj.adapter if hasattr(proj, "adapter") else proj).requires_grad_(True)
+    projectors = projector_modules(model)
     if mcfg.train_vision:
-        inner.vision_tower.requires_grad_(True)
+        vision_tower(model).requires_grad_(True)
+        for proj in projectors:  # a merger inside the vision model (Qwen-VL) is the projector, not the tower
+            proj.requires_grad_(False)
+    if mcfg.train_projector:
+        for proj in projectors:
+            # with adapter fetch only the adapter trains; the teacher's projector copy stays frozen
+            (proj.adapter if hasattr(proj, "adapter") else proj).requires_grad_(True)
+        newline = getattr(inner, "image_newline", None)  # LLaVA-OneVision: text-width row-end embedding
+        if isinstance(newline, torch.nn.Parameter):
+            newline.requires_grad_(True)
     if mcfg.llm == "full":
         inner.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
