@@ -11,6 +11,8 @@ from _dist_fixtures import REPO
 import _launch
 
 RANKS = 2
+# InternVL and Qwen3-VL pass the same test (run by hand: 2 passed, 74 s); the suite keeps the two
+# families the issue asks for, to stay within its time budget.
 FAMILIES = ("qwen2_5_vl", "llava_onevision")
 
 
