@@ -1,4 +1,4 @@
-"""Export a student checkpoint as a Hugging Face LLaVA folder.
+"""Export a student checkpoint as a Hugging Face folder of its family (LLaVA, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL).
 
 ``python -m distill.export --checkpoint DIR --out DIR [--dtype fp32|bf16|fp16]``
 ``python -m distill.export --stock --checkpoint DIR --out DIR (--fit-shards PATH... | --fit-images DIR)``
@@ -24,6 +24,17 @@ Which folder comes out depends on the widths (teacher text hidden ``Ht``, studen
   images from training shards (``--fit-shards``) or an image folder (``--fit-images``)
   (:func:`distill.models.projector.fit_stock_projector`); the report gives the relative error
   of the projector outputs and the change in logits on held-out images.
+
+Other families (the student's own transformers class, found from its config):
+
+* Qwen2.5-VL / Qwen3-VL with the teacher's merger fetched: the adapter folds into the merger's
+  last Linear (``hidden -> out_hidden_size``, whose width is not tied to the text width), so the
+  export is **stock and exact** for any widths (Qwen3-VL: the deepstack mergers alike).
+* LLaVA-OneVision: the projector has LLaVA's layout, so the paths above apply; ``Ht > Hs`` gives
+  the exact custom folder (``DistillLlavaOnevisionForConditionalGeneration``, same model file,
+  ``trust_remote_code=True``); ``--stock`` (the fit) is LLaVA-only and says so. ``image_newline``
+  is a plain student parameter and is exported as is.
+* InternVL (no fetch) and any student trained with ``adapter_fetch: false``: stock, exact.
 
 Every export writes ``distill_export.json`` into the folder (which path, exactness, fit numbers),
 and the CLI prints it.

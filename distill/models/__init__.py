@@ -12,14 +12,19 @@ from .loading import (
     is_student_checkpoint,
     load_processor,
     load_vlm,
+    load_vlm_config,
     text_hidden_size,
     unwrap_model,
 )
-from .projector import FetchedProjector, fold_projector, fold_projector_exact
+from .projector import FetchedMerger, FetchedProjector, fetch_support, fold_merger, fold_projector, fold_projector_exact
 from .trainable import merge_lora_state_dict, select_trainable
 
 __all__ = [
+    "FetchedMerger",
     "FetchedProjector",
+    "fetch_support",
+    "fold_merger",
+    "load_vlm_config",
     "ModelConfigError",
     "build_student",
     "build_teacher",

@@ -290,7 +290,7 @@ def teacher_projector_spec(student_cfg, teacher_cfg) -> dict:
 
 
 def build_teacher(path: str | os.PathLike, dtype=torch.float32, attn_implementation: str | None = None):
-    """Load the teacher: ``LlavaForConditionalGeneration``, all parameters frozen, ``eval()``."""
+    """Load the teacher (its family's transformers class, :func:`load_vlm`), all parameters frozen, ``eval()``."""
     model = load_vlm(path, dtype=dtype, attn_implementation=attn_implementation, role="teacher")
     model.requires_grad_(False)
     model.eval()
@@ -312,7 +312,11 @@ def build_student(
             when given, checked against the student with :func:`check_pair`.
         adapter_fetch: replace ``model.model.multi_modal_projector`` by a
             :class:`FetchedProjector` (teacher projector read from ``teacher_path``'s safetensors,
-            frozen, + trainable ``adapter``). For a checkpoint folder the stored projector is
+            frozen, + trainable ``adapter``; LLaVA and LLaVA-OneVision, whose student
+            ``image_newline`` starts as ``adapter(teacher image_newline)`` and trains with the
+            projector), or, for Qwen2.5-VL / Qwen3-VL, ``model.model.visual.merger`` (and Qwen3-VL's
+            ``deepstack_merger_list[i]``) by a :class:`FetchedMerger` (teacher merger, frozen, +
+            ``Linear(Ht, Hs)``). InternVL: a :class:`ModelConfigError` (use ``adapter_fetch: false``). For a checkpoint folder the stored projector is
             kept when True; when False a stored fetched projector is folded into a stock one
             (``Ht <= Hs``) or into an exact projector of inner width ``Ht`` (``Ht > Hs``).
         dtype: parameter dtype (``torch.dtype`` or "fp32"/"bf16"/"fp16").
