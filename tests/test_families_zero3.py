@@ -1,7 +1,8 @@
 """Stage 3 of each VLM family with per-image visual-token counts (Qwen2.5-VL, LLaVA-OneVision,
 InternVL, Qwen3-VL) through ``launch/stage3.py`` on 2 CPU ranks under ZeRO-3 (student and teacher
-partitioned), on shards of mixed-size images: every step logs a positive, finite attention term
-and finite LM / KD terms, and the stage writes its final student."""
+partitioned, the student's projector fetched from the teacher), on shards of mixed-size images:
+every step logs a positive, finite attention term and finite LM / KD terms, and the stage writes
+its final student."""
 import json
 import math
 
@@ -32,7 +33,7 @@ def test_family_stage3_zero3_two_ranks(tmp_path, shards, family):
     pair = tf.build_family_pair(family, tmp_path / "pair", seed=0)
     out = tmp_path / "run"
     args = ["--config", REPO / "launch" / "configs" / "tiny_stage3.yaml",
-            f"model.student={pair.student}", f"model.teacher={pair.teacher}", "model.adapter_fetch=false",
+            f"model.student={pair.student}", f"model.teacher={pair.teacher}", "model.adapter_fetch=true",
             f"data.shards=[{shards}]", f"run.output_dir={out}", "run.steps=3", "run.save_every=0",
             "run.log_every=1", "run.progress_bar=false", "data.num_workers=0", "data.max_length=512",
             "data.batch_size=2", "deepspeed.grad_accum=1", "deepspeed.warmup_steps=0"]
