@@ -164,3 +164,27 @@ def test_sample_blocks_ragged_and_multi_image():
     assert sample_blocks(maps, vis_pos, 2, ids) == []
     with pytest.raises(ValueError, match="vis_pos must be"):
         sample_blocks(maps, vis_pos[:, :5], 0)
+
+
+def test_family_heat_maps_use_the_image_grid(tmp_path):
+    """Qwen-VL: the grid is the processor's image_grid_thw after the merge (a 112 x 56 image gives
+    a non-square 2 x 4 grid here, drawn as such); tiled families (OneVision, InternVL) have no single
+    grid and get a clear error instead of a heat map over the wrong layout."""
+    from distill.eval.common import EvalDataError
+    from distill.models import load_processor, load_vlm
+    from distill.models import tiny_families as tf
+    from distill.viz.attention_maps import attention_figure, image_grid
+
+    pair = tf.build_family_pair("qwen2_5_vl", tmp_path / "q", seed=0)
+    t, s = load_vlm(pair.teacher).eval(), load_vlm(pair.student).eval()
+    tp, sp = load_processor(pair.teacher), load_processor(pair.student)
+    wide = Image.new("RGB", (112, 56), (200, 30, 30))
+    res = attention_maps(t, s, tp, sp, wide, "what is this?")
+    assert res["grid"] == (2, 4) and res["student"].shape[-1] == 8
+    png = attention_figure(t, s, tp, sp, wide, "what is this?", tmp_path / "q.png")
+    assert png.exists() and png.stat().st_size > 0
+    with pytest.raises(ValueError, match="does not hold"):
+        render_attention(wide, res["teacher"], res["student"], tmp_path / "bad.png", grid=(3, 3))
+    ov = tf.build_family_pair("llava_onevision", tmp_path / "o", seed=0)
+    with pytest.raises(EvalDataError, match="tiles"):
+        image_grid(load_processor(ov.student), wide, 88)

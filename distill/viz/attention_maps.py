@@ -91,6 +91,32 @@ def prompt_batch(processor, image, prompt: str) -> dict:
     return dict(processor(images=[image], text=[text], add_special_tokens=False, return_tensors="pt"))
 
 
+def image_grid(processor, image, n: int) -> tuple[int, int]:
+    """(rows, cols) of the patch grid that one image's ``n`` visual tokens lie on.
+
+    LLaVA-style towers: the square ``sqrt(n) x sqrt(n)`` grid. Qwen-VL: the processor's
+    ``image_grid_thw`` after the ``merge_size`` merge (non-square images give non-square grids).
+    Families that tile the image (LLaVA-OneVision AnyRes, InternVL dynamic tiles) have no single
+    grid: a clear error, never a heat map drawn over the wrong layout."""
+    from distill.data.families import family_of
+
+    family = family_of(processor)
+    if family in ("llava_onevision", "internvl"):
+        raise EvalDataError(
+            f"heat maps over the image grid need one patch grid per image; {family} splits the image into "
+            "tiles (plus newline/thumbnail tokens), so its visual tokens have no single grid. The alignment "
+            "loss handles these families; this view supports LLaVA-style and Qwen-VL models.")
+    if family in ("qwen2_5_vl", "qwen3_vl"):
+        ip = processor.image_processor
+        thw = ip(images=[to_rgb(image)], return_tensors="pt")["image_grid_thw"][0].tolist()
+        merge = int(getattr(ip, "merge_size", 1))
+        rows, cols = thw[0] * thw[1] // merge, thw[2] // merge
+        if rows * cols != n:
+            raise EvalDataError(f"image_grid_thw {thw} (merge {merge}) gives {rows}x{cols} tokens, the prompt holds {n}")
+        return rows, cols
+    return grid_shape(n)
+
+
 @torch.no_grad()
 def capture_visual_attention(model, processor, image, prompt: str, layers: Sequence[int],
                              backend: str = "auto") -> torch.Tensor:
@@ -150,16 +176,18 @@ def attention_maps(teacher, student, teacher_processor, student_processor, image
     return {"student_layers": list(s_layers), "teacher_windows": [list(w) for w in t_windows],
             "student": visual_attention_profile(s_maps, visible_rows),
             "teacher": visual_attention_profile(t_maps, visible_rows),
-            "grid": grid_shape(s_maps.shape[-1])}
+            "grid": image_grid(student_processor, image, s_maps.shape[-1])}
 
 
 def render_attention(image, teacher: torch.Tensor, student: torch.Tensor, out: str | os.PathLike, *,
-                     row_labels: Sequence[str] | None = None, cell_inches: float = 3.0, dpi: int = 100) -> Path:
+                     row_labels: Sequence[str] | None = None, cell_inches: float = 3.0, dpi: int = 100,
+                     grid: tuple[int, int] | None = None) -> Path:
     """Write a PNG: one row per matched layer; columns = image, teacher heat map, student heat map.
 
     Args:
         image: PIL image (shown stretched to the square model view, as the processor resizes it).
-        teacher, student: [L, n] attention profiles (n a square number).
+        teacher, student: [L, n] attention profiles (n a square number unless ``grid`` is given).
+        grid: (rows, cols) of the image's token grid (``attention_maps(...)["grid"]``); default square.
     Returns:
         the PNG path; its size is exactly (3 * cell_inches * dpi, L * cell_inches * dpi) pixels.
     """
@@ -173,7 +201,9 @@ def render_attention(image, teacher: torch.Tensor, student: torch.Tensor, out: s
         raise ValueError(f"teacher and student profiles must both be [L, n]; got {tuple(teacher.shape)} "
                          f"and {tuple(student.shape)}")
     L, n = teacher.shape
-    h, w = grid_shape(n)
+    h, w = grid if grid is not None else grid_shape(n)
+    if h * w != n:
+        raise ValueError(f"grid {h}x{w} does not hold the profiles' {n} tokens")
     labels = list(row_labels) if row_labels is not None else [f"pair {i}" for i in range(L)]
     if len(labels) != L:
         raise ValueError(f"{len(labels)} row labels for {L} rows")
@@ -204,4 +234,4 @@ def attention_figure(teacher, student, teacher_processor, student_processor, ima
                          visible_rows=visible_rows)
     labels = [f"student L{s} / teacher L{','.join(map(str, w))}"
               for s, w in zip(res["student_layers"], res["teacher_windows"])]
-    return render_attention(image, res["teacher"], res["student"], out, row_labels=labels)
+    return render_attention(image, res["teacher"], res["student"], out, row_labels=labels, grid=res["grid"])
