@@ -109,19 +109,8 @@ def add_placeholder_image(batch: dict, ph: PlaceholderImage) -> dict:
         )
     if ph.family is not None:
         return _add_family_placeholder(batch, ph, ph.family)
-    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    b, t = ids.shape
-    row = ph.input_ids.to(ids.device)
-    length = max(t, row.shape[1])
-
-    def pad_to(x, value):
-        return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)
-
-    out = dict(batch)
-    out["input_ids"] = torch.cat([pad_to(ids, ph.pad_token_id), pad_to(row, ph.pad_token_id)])
-    out["attention_mask"] = torch.cat([pad_to(am, 0), pad_to(torch.ones_like(row), 0).to(am.dtype)])
-    out["labels"] = torch.cat([pad_to(labels, IGNORE_INDEX),
-                               torch.full((1, length), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)])
+    out, row = _append_text_row(batch, ph)
+    ids, b = batch["input_ids"], batch["input_ids"].shape[0]
     out["pixel_values"] = ph.pixel_values.to(ids.device)
     has = batch.get("has_image")
     has = torch.zeros(b, dtype=torch.bool, device=ids.device) if has is None else has.to(torch.bool)
@@ -132,11 +121,12 @@ def add_placeholder_image(batch: dict, ph: PlaceholderImage) -> dict:
     return out
 
 
-def _add_family_placeholder(batch: dict, ph: PlaceholderImage, family: str) -> dict:
+def _append_text_row(batch: dict, ph: PlaceholderImage) -> tuple[dict, torch.Tensor]:
+    """A copy of ``batch`` with the placeholder's text row appended (input_ids, attention_mask, no
+    labels; every row right-padded to the longer length) and that row [1, T_row]."""
     ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    b, t = ids.shape
     row = ph.input_ids.to(ids.device)
-    length = max(t, row.shape[1])
+    length = max(ids.shape[1], row.shape[1])
 
     def pad_to(x, value):
         return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)
@@ -146,6 +136,17 @@ def _add_family_placeholder(batch: dict, ph: PlaceholderImage, family: str) -> d
     out["attention_mask"] = torch.cat([pad_to(am, 0), pad_to(torch.ones_like(row), 0).to(am.dtype)])
     out["labels"] = torch.cat([pad_to(labels, IGNORE_INDEX),
                                torch.full((1, length), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)])
+    return out, row
+
+
+def _add_family_placeholder(batch: dict, ph: PlaceholderImage, family: str) -> dict:
+    out, row = _append_text_row(batch, ph)
+    ids, b = batch["input_ids"], batch["input_ids"].shape[0]
+    length = out["input_ids"].shape[1]
+
+    def pad_to(x, value):
+        return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)
+
     layout = fam.LAYOUT[family]
     for name in batch[MODEL_INPUTS_KEY]:
         if layout[name] == "seq":

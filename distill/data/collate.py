@@ -38,15 +38,7 @@ def collate(samples: list[Encoded], pad_token_id: int, image_token_id: int, fami
     if family is not None:
         return collate_family(samples, pad_token_id, image_token_id, family)
     B = len(samples)
-    T = max(s.input_ids.numel() for s in samples)
-    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    for b, s in enumerate(samples):
-        L = s.input_ids.numel()
-        input_ids[b, :L] = s.input_ids
-        attention_mask[b, :L] = 1
-        labels[b, :L] = s.labels
+    input_ids, attention_mask, labels = _pad_rows(samples, pad_token_id)
     has_image = torch.tensor([s.pixel_values is not None for s in samples], dtype=torch.bool)
     pos = [(input_ids[b, : samples[b].input_ids.numel()] == image_token_id).nonzero().flatten() for b in range(B)]
     counts = {int(pos[b].numel()) for b in range(B) if has_image[b]}
