@@ -265,12 +265,8 @@ class SampleEncoder:
         if self.family:
             return self._encode_family(text, ids, labels, where, image, key)
         pixel_values = None
-        if image is None:
-            if where:
-                raise SkipSample("image_token_mismatch", f"{key}: text-only sample with {len(where)} image tokens")
-        else:
-            if len(where) != 1:
-                raise SkipSample("image_token_mismatch", f"{key}: {len(where)} image placeholders (need 1)")
+        _check_image_tokens(where, image, key)
+        if image is not None:
             try:
                 expansion, pixel_values = self._image_inputs(image)
             except TemplateError:
@@ -314,12 +310,8 @@ class SampleEncoder:
         keys = [k for k in self.model_inputs if k != "pixel_values"]
         extras: dict = {}
         pixel_values = None
-        if image is None:
-            if where:
-                raise SkipSample("image_token_mismatch", f"{key}: text-only sample with {len(where)} image tokens")
-        else:
-            if len(where) != 1:
-                raise SkipSample("image_token_mismatch", f"{key}: {len(where)} image placeholders (need 1)")
+        _check_image_tokens(where, image, key)
+        if image is not None:
             p = where[0]
             try:
                 ids, k, out = self._expand(text, ids, p, image)
@@ -348,3 +340,11 @@ class SampleEncoder:
             raise SkipSample("no_labels", f"{key}: no assistant token within max_length {self.max_length}")
         return Encoded(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), pixel_values, key,
                        truncated, extras)
+
+
+def _check_image_tokens(where: list[int], image, key: str) -> None:
+    """One image placeholder for a sample with an image, none without: else a counted skip."""
+    if image is None and where:
+        raise SkipSample("image_token_mismatch", f"{key}: text-only sample with {len(where)} image tokens")
+    if image is not None and len(where) != 1:
+        raise SkipSample("image_token_mismatch", f"{key}: {len(where)} image placeholders (need 1)")

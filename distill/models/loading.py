@@ -415,14 +415,8 @@ def check_pair(student_path: str | os.PathLike, teacher_path: str | os.PathLike,
         count = check_family_visual_tokens(sp, tp, scfg, tcfg, pair)
         if adapter_fetch:
             check_fetch_shapes(scfg, tcfg, pair)
-        return {
-            "vocab_size": real,
-            "student_vocab_rows": s_rows,
-            "teacher_vocab_rows": t_rows,
-            "image_token_id": int(image_token_id(scfg)),
-            "num_image_tokens": count,
-            "family": scfg.model_type,
-        }
+        return {"vocab_size": real, "student_vocab_rows": s_rows, "teacher_vocab_rows": t_rows,
+                "image_token_id": int(image_token_id(scfg)), "num_image_tokens": count, "family": scfg.model_type}
     sg, tg = image_geometry(sp, scfg), image_geometry(tp, tcfg)
     if sg["image_size"] != tg["image_size"]:
         raise ModelConfigError(
