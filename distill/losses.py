@@ -541,6 +541,27 @@ def _ragged_per(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, kind: str, 
     return per, nblk > 0
 
 
+def _full_map_per(s: torch.Tensor, t: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """Per (layer, sample) loss when every map is one full n x n block (the original single-image
+    computation). [L, B] fp32."""
+    if kind == "kl":
+        ps = s / s.sum(-1, keepdim=True).clamp(min=eps)
+        pt = t / t.sum(-1, keepdim=True).clamp(min=eps)
+        rows = (pt * (torch.log(pt.clamp(min=eps)) - torch.log(ps.clamp(min=eps)))).sum(-1)  # (L, B, n)
+        has = (t.sum(-1) > 0).float()
+        return (rows * has).sum(-1) / has.sum(-1).clamp(min=1.0)  # (L, B)
+    if kind == "filtered_cosine":
+        flat_s, flat_t = s.flatten(2), t.flatten(2)
+        thr_s = (flat_s.mean(-1) + flat_s.std(-1, unbiased=True))[..., None, None]
+        thr_t = (flat_t.mean(-1) + flat_t.std(-1, unbiased=True))[..., None, None]
+        keep = (s <= thr_s) & (t <= thr_t) & (t != 0)  # a bool mask: no gradient through it
+    else:
+        n = s.shape[-1]
+        keep = torch.ones(n, n, dtype=torch.bool, device=s.device).tril().expand_as(s)
+    prof_s, prof_t = _profiles(s, t, keep)
+    return 1.0 - F.cosine_similarity(prof_s, prof_t, dim=-1, eps=eps)  # (L, B)
+
+
 def attention_alignment_loss(
     student_maps: torch.Tensor,
     teacher_maps: torch.Tensor,
@@ -623,22 +644,8 @@ def attention_alignment_loss(
     elif ids is not None:
         per, has_block = _ragged_per(s, t, ids, kind, eps)
         valid = valid & has_block
-    elif kind == "kl":
-        ps = s / s.sum(-1, keepdim=True).clamp(min=eps)
-        pt = t / t.sum(-1, keepdim=True).clamp(min=eps)
-        rows = (pt * (torch.log(pt.clamp(min=eps)) - torch.log(ps.clamp(min=eps)))).sum(-1)  # (L, B, n)
-        has = (t.sum(-1) > 0).float()
-        per = (rows * has).sum(-1) / has.sum(-1).clamp(min=1.0)  # (L, B)
     else:
-        if kind == "filtered_cosine":
-            flat_s, flat_t = s.flatten(2), t.flatten(2)
-            thr_s = (flat_s.mean(-1) + flat_s.std(-1, unbiased=True))[..., None, None]
-            thr_t = (flat_t.mean(-1) + flat_t.std(-1, unbiased=True))[..., None, None]
-            keep = (s <= thr_s) & (t <= thr_t) & (t != 0)  # a bool mask: no gradient through it
-        else:
-            keep = torch.ones(n, n, dtype=torch.bool, device=s.device).tril().expand_as(s)
-        prof_s, prof_t = _profiles(s, t, keep)
-        per = 1.0 - F.cosine_similarity(prof_s, prof_t, dim=-1, eps=eps)  # (L, B)
+        per = _full_map_per(s, t, kind, eps)
     w = valid.float()
     # torch.where, not a product: a dropped sample's value never reaches the sum (even if NaN)
     total = torch.where(valid, per, per.new_zeros(())).sum()
