@@ -204,3 +204,23 @@ def test_non_vlm_folder_is_refused(family_pairs, tmp_path):
     _edit_config(bad, lambda c: c.update(model_type="bert"))
     with pytest.raises(ModelConfigError, match="not LLaVA-style"):
         build_student(bad, adapter_fetch=False)
+
+
+def test_processor_needing_torchvision_says_what_to_install(tmp_path, monkeypatch):
+    """transformers 5.17 has only torchvision image processors for these families: without
+    torchvision the error names the two fixes (checked there by hand; here the failure is forced)."""
+    import transformers
+
+    from distill.models import ModelConfigError, load_processor
+    from distill.models import loading
+    from distill.models import tiny_families as tf
+
+    pair = tf.build_family_pair("qwen2_5_vl", tmp_path / "q", seed=0)
+
+    def needs_tv(*a, **k):
+        raise ImportError("Qwen2VLImageProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(loading, "_auto_processor", needs_tv)
+    with pytest.raises(ModelConfigError, match="needs torchvision on this transformers") as e:
+        load_processor(pair.student)
+    assert "transformers >= 5.24" in str(e.value) and transformers.__version__ in str(e.value)

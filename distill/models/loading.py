@@ -266,6 +266,12 @@ def _auto_processor(p: Path):
     return proc
 
 
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def load_processor(path: str | os.PathLike, role: str = "model"):
     """The folder's processor (image processor + tokenizer + chat template), validated.
 
@@ -276,6 +282,14 @@ def load_processor(path: str | os.PathLike, role: str = "model"):
     try:
         proc = _auto_processor(p)
     except Exception as exc:
+        if "torchvision" in str(exc).lower():
+            # transformers 5.17 has only torchvision image processors for these families; 5.24 (tested)
+            # also ships PIL ones, which this loader uses when torchvision is absent
+            raise ModelConfigError(
+                f"{role} folder {str(p)!r}: its image processor needs torchvision on this transformers "
+                f"{_transformers_version()}. Install the torchvision build that matches your torch, or "
+                "transformers >= 5.24 (its PIL image processors need no torchvision)."
+            ) from exc
         raise ModelConfigError(
             f"{role} folder {str(p)!r}: cannot load its processor ({exc}). The folder needs the files "
             "written by `processor.save_pretrained` (processor_config.json / preprocessor_config.json, "
