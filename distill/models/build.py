@@ -86,6 +86,16 @@ def _gathered(params: list[nn.Parameter]):
         yield
 
 
+def _fill_adapter(adapter: nn.Module, weights: dict[str, torch.Tensor], init: bool) -> None:
+    """A fetched projector's trainable adapter: freshly initialised (``init``), or its
+    ``adapter.*`` tensors from ``weights`` (a student checkpoint)."""
+    if init:
+        with _gathered(list(adapter.parameters())):
+            init_adapter_(adapter)
+    else:
+        _write(adapter, weights, "adapter.")
+
+
 def _write(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
     """Copy ``tensors[prefix + name]`` into every parameter ``name`` of ``module``."""
     pairs = [(p, tensors[prefix + n]) for n, p in module.named_parameters()]
@@ -120,11 +130,7 @@ def _install_fetched(model, spec: dict, weights: dict, dtype: torch.dtype, init_
         lambda: FetchedProjector(spec["in_features"], spec["teacher_hidden"], spec["student_hidden"], spec["act"], spec["bias"]),
         home.multi_modal_projector, dtype)
     _write(proj.teacher_projector, weights)
-    if init_adapter:
-        with _gathered(list(proj.adapter.parameters())):
-            init_adapter_(proj.adapter)
-    else:
-        _write(proj.adapter, weights, "adapter.")
+    _fill_adapter(proj.adapter, weights, init_adapter)
     proj.teacher_projector.requires_grad_(False)
     home.multi_modal_projector = proj
     return proj
@@ -224,11 +230,7 @@ def _install_merger_fetch(model, spec: dict, weights: dict, dtype: torch.dtype, 
             _write(fetched.teacher_merger, teacher)
         except KeyError as exc:
             raise ModelConfigError(f"merger {slot!r}: tensor {exc} missing; the folder is incomplete.") from exc
-        if init_adapter:
-            with _gathered(list(fetched.adapter.parameters())):
-                init_adapter_(fetched.adapter)
-        else:
-            _write(fetched.adapter, w, "adapter.")
+        _fill_adapter(fetched.adapter, w, init_adapter)
         fetched.teacher_merger.requires_grad_(False)
         _set_slot(visual, slot, fetched)
 
