@@ -1,4 +1,4 @@
-"""``python -m distill.eval {compositional,vqa}``: evaluate a LLaVA-style model folder.
+"""``python -m distill.eval {compositional,vqa,attn_similarity}``: evaluate a LLaVA-style model folder.
 
 Results are printed as a markdown table and, with ``--out DIR``, written to
 ``DIR/<stem>.json`` (accuracies), ``DIR/<stem>.md`` (the table) and ``DIR/<stem>_samples.jsonl``
@@ -10,6 +10,10 @@ Compositional protocols (``--protocol``):
   ab                    the reference's protocol: an A/B question asked twice with the two
                         captions' order swapped, scored by the letters' next-token
                         log-probabilities; a tie counts 0.5 for that ordering (distill/eval/ab.py)
+
+attn_similarity: student vs teacher visual attention on the compositional images (caption prompt),
+per matched layer the cosine of the loss's (filtered) column profiles, written to
+``DIR/attn_similarity.json`` / ``.md`` / ``_samples.jsonl`` (distill/eval/attn_similarity.py).
 """
 
 from __future__ import annotations
@@ -55,15 +59,62 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=int, default=32)
     v.add_argument("--suffix", default="", help="text appended to every question, e.g. "
                    "' Answer the question using a single word or phrase.'")
+    a = sub.add_parser("attn_similarity", help="student vs teacher visual-attention cosine per matched layer")
+    a.add_argument("--teacher", required=True, help="teacher HF LLaVA folder")
+    a.add_argument("--student", required=True, help="student HF LLaVA folder (stock, exported or checkpoint)")
+    a.add_argument("--data", required=True, nargs="+", help="compositional data files, folders, globs or shards")
+    a.add_argument("--images", "--image-root", dest="images", default=None,
+                   help="image root (default: the data file's folder)")
+    a.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    a.add_argument("--out", default=None, help="folder for attn_similarity.json, .md, _samples.jsonl")
+    a.add_argument("--student-layers", type=int, nargs="+", default=None,
+                   help="student layers (default: distill.losses.match_layers)")
+    a.add_argument("--window", type=int, default=None, help="teacher window size per student layer")
+    a.add_argument("--kind", choices=("filtered_cosine", "cosine"), default="filtered_cosine",
+                   help="filtered_cosine: the CompoDistill loss's filtered profiles (default); cosine: unfiltered")
+    a.add_argument("--prompt", default=None, help=f"user-turn text (default {DEFAULT_CAPTION_PROMPT!r})")
+    a.add_argument("--backend", default="auto", help="attention backend for the capture (distill.attention)")
+    a.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    a.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return ap
+
+
+def _attn_similarity(args) -> dict:
+    from distill.eval.attn_similarity import evaluate_attn_similarity, markdown_table
+    from distill.eval.common import load_model_and_processor
+    from distill.eval.compositional import load_compositional
+
+    try:
+        samples = load_compositional(args.data, args.images, limit=args.limit)
+        dtype = parse_dtype(args.dtype)
+        teacher, t_proc = load_model_and_processor(args.teacher, dtype, args.device)
+        student, s_proc = load_model_and_processor(args.student, dtype, args.device)
+        results, per_sample = evaluate_attn_similarity(
+            teacher, student, t_proc, s_proc, samples, prompt=args.prompt, student_layers=args.student_layers,
+            window=args.window, kind=args.kind, backend=args.backend, progress=not args.no_progress)
+    except (EvalDataError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    results = {"task": args.task, "teacher": str(args.teacher), "student": str(args.student),
+               "data": [str(d) for d in args.data], **results}
+    table = markdown_table(results)
+    print(table)
+    write_results(args.out, "attn_similarity", results, table)
+    if args.out is not None:
+        with open(Path(args.out) / "attn_similarity_samples.jsonl", "w") as f:
+            for row in per_sample:
+                f.write(json.dumps(row) + "\n")
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit(f"error: --batch-size must be >= 1 (got {args.batch_size})")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"error: --limit must be >= 1 (got {args.limit})")
+    if args.task == "attn_similarity":
+        return _attn_similarity(args)
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be >= 1 (got {args.batch_size})")
     try:
         from distill.eval.common import load_model_and_processor
         from distill.eval.compositional import markdown_table
