@@ -50,10 +50,10 @@ test-lowest: $(LOW_STAMP)
 		tests/test_models.py tests/test_losses.py tests/test_fused_loss.py tests/test_flash_detect.py
 
 demo: $(STAMP)
-	$(PY) -m distill.demo --out runs/demo
+	$(PY) -m distill.demo --out runs/demo --teacher-dir runs/tiny_teacher
 
 ablation: $(STAMP)
-	$(PY) -m distill.demo --out runs/ablation --ablation
+	$(PY) -m distill.demo --out runs/ablation --ablation --teacher-dir runs/tiny_teacher
 
 bench: $(STAMP)
 	$(PY) launch/bench.py

@@ -42,19 +42,28 @@ CONFIGS = REPO / "launch" / "configs"
 class Budget:
     """Sizes of one demo run."""
 
-    scenes: int  # synthetic scenes per training split
+    teacher_scenes: int  # synthetic scenes per training split the teacher trains on
+    student_scenes: int  # the first of those scenes, which the student sees (fewer: distillation matters)
     test_scenes: int  # held-out compositional scenes (and Q/A records)
-    teacher_steps: int
+    teacher_steps: int  # phase 1: captions only
+    teacher_qa_steps: int  # phase 2: captions + Q/A
     stage1_steps: int
     stage2_steps: int
     stage3_steps: int
+    ablation_steps: int  # the one stage-3 run of each ablation variant
     eval_limit: int | None  # cap on evaluated samples
+    teacher_lr: float = 3e-4  # higher rates let the random-init teacher learn the text alone and ignore the image
+    patch_size: int = 8  # 48 px / 8 = a 6 x 6 grid: 36 image tokens, an object covers about 2 x 2 of them
+    batch_size: int = 8  # per rank and micro-batch (2 ranks)
 
 
-FULL = Budget(scenes=384, test_scenes=96, teacher_steps=160, stage1_steps=40, stage2_steps=60, stage3_steps=60,
-              eval_limit=None)
-QUICK = Budget(scenes=32, test_scenes=8, teacher_steps=4, stage1_steps=2, stage2_steps=2, stage3_steps=3,
-               eval_limit=8)
+FULL = Budget(teacher_scenes=2000, student_scenes=400, test_scenes=96, teacher_steps=1000, teacher_qa_steps=200,
+              stage1_steps=40,
+              stage2_steps=60, stage3_steps=120, ablation_steps=150, eval_limit=None)
+QUICK = Budget(teacher_scenes=32, student_scenes=16, test_scenes=8, teacher_steps=4, teacher_qa_steps=2, stage1_steps=2, stage2_steps=2,
+               stage3_steps=3, ablation_steps=2, eval_limit=8, batch_size=2)
+VARIANTS = {"sft": (0.0, 0.0), "kd": (1.0, 0.0), "kd_attn": (1.0, 1.0)}
+"""Ablation variants: (loss.kd_weight, loss.attn_weight); the LM weight is 1 in all three."""
 
 
 class Runner:
@@ -130,7 +139,8 @@ def train_student(run: Runner, b: Budget, teacher: Path, student0: Path, data: P
                   kd: float = 1.0, attn: float = 1.0, stage1: bool = True) -> Path:
     """Stages 1-3 on the student; returns the exported HF folder."""
     prev = student0
-    common = [f"model.teacher={teacher}", "run.save_every=0"]
+    common = [f"model.teacher={teacher}", "run.save_every=0", f"data.batch_size={b.batch_size}",
+              "deepspeed.grad_accum=1"]
     if stage1:
         o = out / "stage1"
         run.deepspeed("stage 1: distilled pre-training (captions, LM + logit KD)", 1, CONFIGS / "tiny_stage1.yaml",
@@ -148,27 +158,59 @@ def train_student(run: Runner, b: Budget, teacher: Path, student0: Path, data: P
     run.deepspeed("stage 3: attention-distilled fine-tuning (LM + KD + visual attention)", 3,
                   CONFIGS / "tiny_stage3.yaml",
                   common + [f"run.output_dir={o}", f"model.student={prev}", f"run.steps={b.stage3_steps}",
-                            f"data.shards=[{data / 'instruct' / 'shards'}]", f"loss.kd_weight={kd}",
-                            f"loss.attn_weight={attn}"],
+                            f"data.shards=[{data / 'caption' / 'shards'},{data / 'instruct' / 'shards'}]",
+                            f"loss.kd_weight={kd}", f"loss.attn_weight={attn}"],
                   done=o / "final")
-    exported = out / "student_hf"
-    run.step("export the student to a stock HF LLaVA folder",
-             [run.py, "-m", "distill.export", "--checkpoint", str(o / "final"), "--out", str(exported)],
-             done=exported / "config.json")
-    return exported
+    return export(run, o / "final", out / "student_hf")
 
 
-def evaluate(run: Runner, b: Budget, name: str, model: Path, test: Path, out: Path) -> dict:
-    """Compositional accuracy + held-out VQA of one model folder."""
+def export(run: Runner, checkpoint: Path, out: Path) -> Path:
+    run.step(f"export {out.name} to an HF LLaVA folder",
+             [run.py, "-m", "distill.export", "--checkpoint", str(checkpoint), "--out", str(out)],
+             done=out / "config.json")
+    return out
+
+
+def ablation_student(run: Runner, b: Budget, teacher: Path, student0: Path, data: Path, out: Path, seed: int,
+                     kd: float, attn: float) -> Path:
+    """One ablation variant: a single stage-3 run from the untrained student on the student's captions
+    and Q/A (the same budget for every variant; only the loss weights differ). Returns the export."""
+    o = out / "train"
+    run.deepspeed(f"ablation {out.parent.name}/{out.name}: stage 3 with kd_weight={kd}, attn_weight={attn}", 3,
+                  CONFIGS / "tiny_stage3.yaml",
+                  [f"run.output_dir={o}", f"model.student={student0}", f"model.teacher={teacher}", "run.save_every=0",
+                   f"run.seed={seed}", f"run.steps={b.ablation_steps}", f"data.batch_size={b.batch_size}",
+                   "deepspeed.grad_accum=1", "deepspeed.lr=1e-3",
+                   f"data.shards=[{data / 'caption' / 'shards'},{data / 'instruct' / 'shards'}]",
+                   f"loss.kd_weight={kd}", f"loss.attn_weight={attn}"],
+                  done=o / "final")
+    return export(run, o / "final", out / "student_hf")
+
+
+def evaluate(run: Runner, b: Budget, name: str, model: Path, test: Path, out: Path,
+             teacher: Path | None = None) -> dict:
+    """Held-out compositional accuracy under both protocols (likelihood ranking; the reference's A/B
+    question), held-out VQA and, given the ``teacher``, the student-teacher visual-attention similarity.
+    Results land in ``out`` (``compositional.json``, ``compositional_ab.json``, ``vqa.json``,
+    ``attn_similarity.json``)."""
+    comp, qa = test / "compositional" / "shards", test / "instruct" / "shards"
+    tasks = [("compositional", ["compositional"], comp), ("compositional_ab", ["compositional", "--protocol", "ab"], comp),
+             ("vqa", ["vqa"], qa)]
     res = {}
-    for task, data in (("compositional", test / "compositional" / "shards"), ("vqa", test / "instruct" / "shards")):
-        o = out / "eval" / name
-        cmd = [run.py, "-m", "distill.eval", task, "--model", str(model), "--data", str(data), "--out", str(o),
+    for stem, task, data in tasks:
+        cmd = [run.py, "-m", "distill.eval", *task, "--model", str(model), "--data", str(data), "--out", str(out),
                "--device", "cpu", "--no-progress"]
         if b.eval_limit:
             cmd += ["--limit", str(b.eval_limit)]
-        run.step(f"eval {task}: {name}", cmd, done=o / f"{task}.json")
-        res[task] = json.loads((o / f"{task}.json").read_text())
+        run.step(f"eval {' '.join(task)}: {name}", cmd, done=out / f"{stem}.json")
+        res[stem] = json.loads((out / f"{stem}.json").read_text())
+    if teacher is not None:
+        cmd = [run.py, "-m", "distill.eval", "attn_similarity", "--teacher", str(teacher), "--student", str(model),
+               "--data", str(comp), "--out", str(out), "--device", "cpu", "--no-progress"]
+        if b.eval_limit:
+            cmd += ["--limit", str(b.eval_limit)]
+        run.step(f"visual-attention similarity to the teacher: {name}", cmd, done=out / "attn_similarity.json")
+        res["attn_similarity"] = json.loads((out / "attn_similarity.json").read_text())
     return res
 
 
@@ -183,30 +225,104 @@ def _export_lines(out: Path) -> list[str]:
 def report(out: Path, results: dict[str, dict], images: dict[str, Path], budget: Budget, elapsed: float) -> str:
     """Write report.md and return the headline table."""
     cats = sorted({c for r in results.values() for c in r["compositional"].get("per_category", {})})
-    head = "| model | compositional overall | " + " | ".join(cats) + " | VQA exact match |"
-    lines = [head, "|---" * (3 + len(cats)) + "|"]
+    head = ("| model | compositional overall | " + " | ".join(cats) +
+            " | A/B overall | VQA exact match | attention cosine |")
+    lines = [head, "|---" * (5 + len(cats)) + "|"]
     for name, r in results.items():
         comp = r["compositional"]
         per = comp.get("per_category", {})
         cells = [f"{100 * comp['overall']['accuracy']:.1f}"] + [
             f"{100 * per[c]['accuracy']:.1f}" if c in per else "-" for c in cats]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * r['vqa']['overall']['accuracy']:.1f} |")
+        cells.append(f"{100 * r['compositional_ab']['overall']['accuracy']:.1f}")
+        cells.append(f"{100 * r['vqa']['overall']['accuracy']:.1f}")
+        sim = r.get("attn_similarity")
+        cells.append(f"{sim['mean']:.4f}" if sim else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     n_comp = next(iter(results.values()))["compositional"]["overall"]["total"]
     body = [
         "# Demo report", "",
-        f"Tiny offline teacher/student pair, synthetic compositional data ({budget.scenes} training scenes per split, "
+        f"Tiny offline teacher/student pair, synthetic compositional data (the teacher trained on "
+        f"{budget.teacher_scenes} scenes per split, the student sees the first {budget.student_scenes}; "
         f"{n_comp} held-out compositional samples), DeepSpeed ZeRO-3 on 2 CPU ranks. Wall time {elapsed / 60:.1f} min.",
         "", *_export_lines(out),
-        "", "Accuracy (%) on held-out data; compositional = the positive caption must out-score every hard negative "
-        "(replace attribute / replace relation / swap attributes / swap objects); a category column = the positive "
-        "out-scores that category's negatives.", "", table, "",
+        "", "Accuracy (%) on held-out data. Compositional (likelihood) = the positive caption must out-score every hard "
+        "negative (replace attribute / replace relation / swap attributes / swap objects); a category column = the "
+        "positive out-scores that category's negatives (chance 50 %). A/B = the reference's protocol: an A/B question "
+        "asked twice with the order swapped (chance 50 %). Attention cosine = the student-teacher cosine of the "
+        "filtered visual-attention column profiles (`python -m distill.eval attn_similarity`), mean over the matched "
+        "layers and held-out images.", "",
+        table, "",
     ]
     for title, path in images.items():
         if path.exists():
-            body += [f"## {title}", "", f"![{title}]({path.relative_to(out)})", ""]
+            body += [f"## {title}", "", f"![{title}]({os.path.relpath(path, out)})", ""]
     (out / "report.md").write_text("\n".join(body))
     return table
+
+
+def _recipe(b: Budget, seed: int) -> dict:
+    return {"teacher_scenes": b.teacher_scenes, "teacher_steps": b.teacher_steps, "teacher_qa_steps": b.teacher_qa_steps,
+            "teacher_lr": b.teacher_lr,
+            "patch_size": b.patch_size, "batch_size": b.batch_size, "seed": seed, "version": 2}
+
+
+def train_teacher(run: Runner, b: Budget, root: Path, seed: int) -> tuple[Path, Path]:
+    """The tiny teacher trained on captions and Q/A of ``teacher_scenes`` scenes, its own vision tower
+    included (LM loss, no teacher of its own). Kept in ``root`` with the recipe it was trained with
+    and reused by later runs with the same recipe (another recipe retrains it). Returns (teacher HF
+    folder, teacher training data)."""
+    recipe = _recipe(b, seed)
+    stamp = root / "recipe.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != recipe:
+        print(f"[demo] {root} holds a teacher of another recipe; training a new one", flush=True)
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(recipe, indent=1) + "\n")
+    data, models = root / "data", root / "models"
+    run.step("synthetic training data (the teacher's scenes)",
+             [run.py, "-m", "data_prep", "synth", "--out", str(data), "--num", str(b.teacher_scenes), "--seed",
+              str(seed), "--num-test", "1", "--quiet", "--shard-size", str(max(2, b.teacher_scenes // 16))],
+             done=data / "instruct" / "shards" / "manifest.json")
+    run.step("tiny teacher (random weights)", [run.py, "-m", "distill.models.tiny", "--out", str(models), "--seed",
+                                               str(seed), "--patch-size", str(b.patch_size)],
+             done=models / "teacher" / "config.json")
+    # Phase 1 on captions alone: a random-init model fed Q/A from the start (or at higher rates) learns the
+    # text and learns to ignore the image (measured: held-out loss with shuffled images equal to 1e-5).
+    # Phase 2 adds the Q/A once the captions have taught it to look.
+    common = ["model.teacher=null", "model.adapter_fetch=false", "model.llm=full", "model.train_vision=true",
+              "run.save_every=0", f"run.seed={seed}", "run.log_every=25", f"data.batch_size={b.batch_size}",
+              "deepspeed.grad_accum=1", f"deepspeed.lr={b.teacher_lr}"]
+    prev = models / "teacher"
+    for phase, steps, splits, what in ((1, b.teacher_steps, ("caption",), "captions"),
+                                       (2, b.teacher_qa_steps, ("caption", "instruct"), "captions + Q/A")):
+        o = root / f"train{phase}"
+        shards = ",".join(str(data / sp / "shards") for sp in splits)
+        run.deepspeed(f"teacher training, phase {phase}: {what}, vision tower included (stage 2 without a teacher)",
+                      2, CONFIGS / "tiny_stage2.yaml",
+                      common + [f"run.output_dir={o}", f"model.student={prev}", f"run.steps={steps}",
+                                f"deepspeed.warmup_steps={20 if phase == 1 else 0}", f"data.shards=[{shards}]"],
+                      done=o / "final")
+        prev = o / "final"
+    return export(run, prev, root / "teacher_hf"), data
+
+
+def student_data(run: Runner, b: Budget, out: Path, seed: int) -> Path:
+    """The student's training data: the first ``student_scenes`` of the teacher's scenes (same seed)."""
+    data = out / "data_student"
+    run.step("the student's training data (the first scenes of the teacher's)",
+             [run.py, "-m", "data_prep", "synth", "--out", str(data), "--num", str(b.student_scenes), "--seed",
+              str(seed), "--num-test", "1", "--quiet", "--shard-size", str(max(2, b.student_scenes // 8))],
+             done=data / "instruct" / "shards" / "manifest.json")
+    return data
+
+
+def untrained_student(run: Runner, b: Budget, teacher: Path, out: Path, seed: int) -> Path:
+    """A random tiny student sharing the teacher's trained vision tower (as real pairs share theirs)."""
+    run.step(f"tiny student (random weights, seed {seed}, the teacher's vision tower)",
+             [run.py, "-m", "distill.models.tiny", "--out", str(out), "--seed", str(seed), "--patch-size",
+              str(b.patch_size), "--vision-from", str(teacher)], done=out / "student" / "config.json")
+    return out / "student"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,10 +330,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/demo", help="output folder (report.md lands here)")
     ap.add_argument("--quick", action="store_true", help="a much smaller run (CI)")
     ap.add_argument("--ablation", action="store_true",
-                    help="train the student three ways (SFT only; +KD; +KD+attention) and compare")
+                    help="train the student three ways (sft; kd; kd_attn) over --seeds and write ablation.json")
     ap.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (processes)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fresh", action="store_true", help="delete --out first")
+    ap.add_argument("--seed", type=int, default=0, help="data, teacher and (demo) student seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--ablation: student seeds")
+    ap.add_argument("--teacher-dir", default=None,
+                    help="where the trained teacher is kept and reused (default OUT/teacher; `make demo` and "
+                         "`make ablation` share runs/tiny_teacher)")
+    ap.add_argument("--fresh", action="store_true", help="delete --out first (the --teacher-dir is kept)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
@@ -227,59 +347,57 @@ def main(argv: list[str] | None = None) -> None:
     run = Runner(out, args.ranks)
     t0 = time.time()
 
-    data, test, models = out / "data", out / "data_test", out / "models"
-    run.step("synthetic training data", [run.py, "-m", "data_prep", "synth", "--out", str(data), "--num",
-                                         str(b.scenes), "--seed", str(args.seed), "--num-test", "1", "--quiet",
-                                         "--shard-size", str(max(2, b.scenes // 16))],
-             done=data / "instruct" / "shards" / "manifest.json")
+    teacher, _ = train_teacher(run, b, Path(args.teacher_dir).resolve() if args.teacher_dir else out / "teacher",
+                               args.seed)
+    test = out / "data_test"
     run.step("held-out test data (another seed)",
              [run.py, "-m", "data_prep", "synth", "--out", str(test), "--num", str(b.test_scenes), "--num-test",
               str(b.test_scenes), "--seed", str(args.seed + 1000), "--quiet", "--shard-size", "64"],
              done=test / "compositional" / "shards" / "manifest.json")
-    run.step("tiny teacher and student", [run.py, "-m", "distill.models.tiny", "--out", str(models), "--seed",
-                                          str(args.seed)], done=models / "student" / "config.json")
-
-    # A teacher worth distilling: SFT of the tiny teacher on the instruction data (no teacher of its own).
-    o = out / "teacher_sft"
-    run.deepspeed("teacher SFT (stage 2 without a teacher)", 2, CONFIGS / "tiny_stage2.yaml",
-                  [f"run.output_dir={o}", f"model.student={models / 'teacher'}", "model.teacher=null",
-                   "model.adapter_fetch=false", "model.llm=full", f"run.steps={b.teacher_steps}", "run.save_every=0",
-                   f"data.shards=[{data / 'instruct' / 'shards'}]", "deepspeed.lr=1e-3"],
-                  done=o / "final")
-    teacher = out / "teacher_hf"
-    run.step("export the teacher", [run.py, "-m", "distill.export", "--checkpoint", str(o / "final"), "--out",
-                                    str(teacher)], done=teacher / "config.json")
+    data = student_data(run, b, out, args.seed)
 
     results: dict[str, dict] = {}
     images: dict[str, Path] = {}
     if args.ablation:
-        variants = {"SFT only": (0.0, 0.0), "logit KD": (1.0, 0.0), "logit KD + attention": (1.0, 1.0)}
-        results["teacher"] = evaluate(run, b, "teacher", teacher, test, out)
-        for name, (kd, attn) in variants.items():
-            slug = name.replace(" ", "_").replace("+", "plus")
-            student = train_student(run, b, teacher, models / "student", data, out / slug, kd=kd, attn=attn)
-            results[f"student ({name})"] = evaluate(run, b, slug, student, test, out)
-    else:
-        student = train_student(run, b, teacher, models / "student", data, out)
-        results["teacher (SFT)"] = evaluate(run, b, "teacher", teacher, test, out)
-        results["student (untrained)"] = evaluate(run, b, "student_base", models / "student", test, out)
-        results["student (distilled)"] = evaluate(run, b, "student", student, test, out)
+        from distill.eval.ablation import ablation_markdown, collect_ablation, write_ablation
 
-        figs = out / "figures"
-        figs.mkdir(exist_ok=True)
-        image = sorted((test / "compositional" / "images").glob("*.png"))[0]
-        images["Teacher vs student visual attention"] = figs / "attention.png"
-        run.step("attention maps", [run.py, "-m", "distill.viz", "attention", "--teacher", str(teacher), "--student",
-                                    str(student), "--image", str(image), "--prompt", "Describe the image.",
-                                    "--out", str(figs / "attention.png"), "--device", "cpu", "--visible-rows"],
-                 done=figs / "attention.png")
-        for stage in ("stage1", "stage2", "stage3"):
-            metrics = out / stage / "metrics.jsonl"
-            if metrics.exists():
-                images[f"Loss curves, {stage}"] = figs / f"curves_{stage}.png"
-                run.step(f"loss curves {stage}", [run.py, "-m", "distill.viz", "curves", str(metrics), "--out",
-                                                  str(figs / f"curves_{stage}.png")],
-                         done=figs / f"curves_{stage}.png")
+        evaluate(run, b, "teacher", teacher, test, out / "teacher" / "eval")
+        for seed in args.seeds:
+            student0 = untrained_student(run, b, teacher, out / f"seed{seed}" / "models", seed)
+            for variant, (kd, attn) in VARIANTS.items():
+                vdir = out / f"seed{seed}" / variant
+                student = ablation_student(run, b, teacher, student0, data, vdir, seed, kd, attn)
+                evaluate(run, b, f"seed {seed} {variant}", student, test, vdir / "eval", teacher=teacher)
+        result = collect_ablation(out, args.seeds, list(VARIANTS))
+        write_ablation(out, result)
+        table = ablation_markdown(result)
+        print(f"\n[demo] ablation done in {(time.time() - t0) / 60:.1f} min; {out / 'ablation.json'}\n\n{table}\n",
+              flush=True)
+        return
+
+    student0 = untrained_student(run, b, teacher, out / "models", args.seed)
+    student = train_student(run, b, teacher, student0, data, out)
+    results["teacher"] = evaluate(run, b, "teacher", teacher, test, out / "eval" / "teacher")
+    results["student (untrained)"] = evaluate(run, b, "student_base", student0, test, out / "eval" / "student_base",
+                                              teacher=teacher)
+    results["student (distilled)"] = evaluate(run, b, "student", student, test, out / "eval" / "student",
+                                              teacher=teacher)
+
+    figs = out / "figures"
+    figs.mkdir(exist_ok=True)
+    image = sorted((test / "compositional" / "images").glob("*.png"))[0]
+    images["Teacher vs student visual attention"] = figs / "attention.png"
+    run.step("attention maps", [run.py, "-m", "distill.viz", "attention", "--teacher", str(teacher), "--student",
+                                str(student), "--image", str(image), "--prompt", "Describe the image briefly.",
+                                "--out", str(figs / "attention.png"), "--device", "cpu", "--visible-rows"],
+             done=figs / "attention.png")
+    for stage in ("stage1", "stage2", "stage3"):
+        metrics = out / stage / "metrics.jsonl"
+        if metrics.exists():
+            images[f"Loss curves, {stage}"] = figs / f"curves_{stage}.png"
+            run.step(f"loss curves {stage}", [run.py, "-m", "distill.viz", "curves", str(metrics), "--out",
+                                              str(figs / f"curves_{stage}.png")],
+                     done=figs / f"curves_{stage}.png")
 
     table = report(out, results, images, b, time.time() - t0)
     print(f"\n[demo] done in {(time.time() - t0) / 60:.1f} min; report: {out / 'report.md'}\n\n{table}\n", flush=True)

@@ -21,7 +21,7 @@ def test_quick_demo_end_to_end(tmp_path):
     # The report holds one table row per evaluated model, accuracies in [0, 100].
     report = (out / "report.md").read_text()
     rows = [ln for ln in report.splitlines() if ln.startswith("| teacher") or ln.startswith("| student")]
-    assert [r.split("|")[1].strip() for r in rows] == ["teacher (SFT)", "student (untrained)", "student (distilled)"]
+    assert [r.split("|")[1].strip() for r in rows] == ["teacher", "student (untrained)", "student (distilled)"]
     for r in rows:
         for cell in r.strip("|").split("|")[1:]:
             if cell.strip() != "-":
@@ -42,6 +42,6 @@ def test_quick_demo_end_to_end(tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(out / "student_hf", trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(out / "student_hf")
     assert model.config.text_config.num_hidden_layers < LlavaForConditionalGeneration.from_pretrained(
-        out / "teacher_hf").config.text_config.num_hidden_layers
+        out / "teacher" / "teacher_hf").config.text_config.num_hidden_layers
     assert "Export `student_hf`" in report
     assert re.search(r"<image>", processor.tokenizer.decode([model.config.image_token_id]))

@@ -231,11 +231,13 @@ def student_text_config(tokenizer, hidden_size: int = 64, num_layers: int = 4):
 
 
 def save_model(config, processor, out_dir: str | os.PathLike, seed: int,
-               dtype: torch.dtype | None = None, device: str = "cpu") -> Path:
+               dtype: torch.dtype | None = None, device: str = "cpu",
+               tower: dict[str, torch.Tensor] | None = None) -> Path:
     """Initialise ``LlavaForConditionalGeneration(config)`` from ``seed`` and save it + processor.
 
     ``dtype``: build (and save) the weights in this dtype (default float32); ``device``: where to
-    initialise them (the folder is the same; a GPU only makes large models quick to build)."""
+    initialise them (the folder is the same; a GPU only makes large models quick to build);
+    ``tower``: vision tower weights to load instead of the random ones (every tensor, same shapes)."""
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     out = Path(out_dir)
@@ -248,6 +250,12 @@ def save_model(config, processor, out_dir: str | os.PathLike, seed: int,
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(old)
+    if tower is not None:
+        try:
+            model.model.vision_tower.load_state_dict(tower, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"the given vision tower does not fit this model's tower ({config.vision_config.hidden_size} "
+                             f"wide, patch {config.vision_config.patch_size}): {e}") from e
     model.generation_config = GenerationConfig(
         eos_token_id=processor.tokenizer.eos_token_id,
         pad_token_id=processor.tokenizer.pad_token_id,
@@ -271,24 +279,39 @@ TEACHER_HIDDEN = 96
 """Default teacher text width of :func:`build_tiny_pair`: wider than the student's 64, like real pairs."""
 
 
-def build_tiny_pair(out_dir: str | os.PathLike, seed: int = 0, teacher_hidden: int | None = None) -> TinyPair:
-    """Write ``out_dir/teacher`` and ``out_dir/student``; same ``seed`` gives identical files.
+def build_tiny_pair(out_dir: str | os.PathLike, seed: int = 0, teacher_hidden: int | None = None,
+                    patch_size: int = PATCH_SIZE, vision_hidden: int = 32,
+                    vision_from: str | os.PathLike | None = None) -> TinyPair:
+    """Write ``out_dir/teacher`` and ``out_dir/student``; same arguments give identical files.
 
     ``teacher_hidden``: the teacher's text hidden size (default :data:`TEACHER_HIDDEN`; a
     multiple of 8). Wider than the student's 64 (e.g. 96) is the realistic case, where the
     fetched projector has no stock fold and ``distill.export`` takes the custom (exact) path.
+    ``patch_size`` / ``vision_hidden``: the shared SigLIP tower's patch side (``48 / patch_size``
+    squared image tokens: 64 by default, 36 at 8) and width. ``vision_from``: an HF LLaVA folder whose
+    vision tower weights both models take (a tower shared by the pair, as in real pairs; e.g. the
+    tower a teacher trained), which must have this tower's shape.
     """
     root = Path(out_dir)
     tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
+    processor = build_processor(tokenizer, patch_size=patch_size)
     th = TEACHER_HIDDEN if teacher_hidden is None else int(teacher_hidden)
-    teacher = save_model(
-        llava_config(teacher_text_config(tokenizer, hidden_size=th), tokenizer), processor, root / "teacher", seed
-    )
-    student = save_model(
-        llava_config(student_text_config(tokenizer), tokenizer), processor, root / "student", seed + 1
-    )
+    v = vision_config(dict(hidden=vision_hidden, inter=2 * vision_hidden, layers=2, heads=2, image=IMAGE_SIZE,
+                           patch=patch_size))
+    tower = _tower_weights(vision_from) if vision_from is not None else None
+    teacher = save_model(llava_config(teacher_text_config(tokenizer, hidden_size=th), tokenizer, vision=v),
+                         processor, root / "teacher", seed, tower=tower)
+    student = save_model(llava_config(student_text_config(tokenizer), tokenizer, vision=v),
+                         processor, root / "student", seed + 1, tower=tower)
     return TinyPair(root=root, teacher=teacher, student=student)
+
+
+def _tower_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The vision tower's tensors of the HF LLaVA folder ``path`` (names relative to the tower)."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    return {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
 
 
 REAL = dict(
@@ -356,6 +379,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="llava: tiny (default; seconds, a few MB) or real (1.8B/4B-class pair with a "
                              "SigLIP-so400m tower, random bf16 weights, ~13 GB)")
     parser.add_argument("--device", default="cpu", help="real preset: where to initialise the weights (cuda: fast)")
+    parser.add_argument("--patch-size", type=int, default=PATCH_SIZE,
+                        help=f"llava tiny: patch side of the 48 px tower (default {PATCH_SIZE}: 64 image tokens; 8: 36)")
+    parser.add_argument("--vision-hidden", type=int, default=32, help="llava tiny: tower width (default 32)")
+    parser.add_argument("--vision-from", default=None,
+                        help="llava tiny: an HF LLaVA folder whose vision tower weights both models take")
     args = parser.parse_args(argv)
     if args.family != "llava":
         if args.preset != "tiny" or args.teacher_hidden is not None:
@@ -366,7 +394,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--teacher-hidden applies to the tiny preset only")
         pair = build_real_pair(args.out, seed=args.seed, device=args.device)
     else:
-        pair = build_tiny_pair(args.out, seed=args.seed, teacher_hidden=args.teacher_hidden)
+        if IMAGE_SIZE % args.patch_size:
+            parser.error(f"--patch-size must divide the image side {IMAGE_SIZE}, got {args.patch_size}")
+        pair = build_tiny_pair(args.out, seed=args.seed, teacher_hidden=args.teacher_hidden,
+                               patch_size=args.patch_size, vision_hidden=args.vision_hidden,
+                               vision_from=args.vision_from)
     print(f"teacher: {pair.teacher}\nstudent: {pair.student}")
 
 
