@@ -330,3 +330,42 @@ def test_build_student_under_zero3_two_ranks(tiny_models, tmp_path):
     assert not torch.equal(adapter, init.weight)  # the step trained the adapter
     with torch.no_grad():
         torch.testing.assert_close(model(**ref["batch"]).logits, ref["logits"], rtol=0, atol=1e-5)
+
+
+def test_tiny_demo_tower_and_shared_weights(tiny_models, tmp_path):
+    """--patch-size 8 gives a 6 x 6 grid (36 image tokens); --vision-from gives both models that folder's
+    tower weights exactly (the text weights stay the seed's); a tower of another shape is refused."""
+    import pytest
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    def towers(path):
+        return LlavaForConditionalGeneration.from_pretrained(path).model.vision_tower.state_dict()
+
+    first = tmp_path / "first"
+    subprocess.run([sys.executable, "-m", "distill.models.tiny", "--out", str(first), "--patch-size", "8"],
+                   check=True, capture_output=True)
+    proc = AutoProcessor.from_pretrained(first / "student")
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+    ids = proc(images=[Image.new("RGB", (48, 48))], text=[text], return_tensors="pt")["input_ids"]
+    assert int((ids == proc.tokenizer.convert_tokens_to_ids(tiny.IMAGE_TOKEN)).sum()) == 36
+
+    # the source tower: the first pair's teacher tower, changed so no seed could give it
+    src = LlavaForConditionalGeneration.from_pretrained(first / "teacher")
+    with torch.no_grad():
+        for p in src.model.vision_tower.parameters():
+            p.add_(1.0)
+    src.save_pretrained(tmp_path / "src")
+    shared = tiny.build_tiny_pair(tmp_path / "shared", seed=3, patch_size=8, vision_from=tmp_path / "src")
+    want = src.model.vision_tower.state_dict()
+    for role in (shared.teacher, shared.student):
+        got = towers(role)
+        assert want.keys() == got.keys()
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    plain = tiny.build_tiny_pair(tmp_path / "plain", seed=3, patch_size=8)
+    s_shared = LlavaForConditionalGeneration.from_pretrained(shared.student).model.language_model.state_dict()
+    s_plain = LlavaForConditionalGeneration.from_pretrained(plain.student).model.language_model.state_dict()
+    assert all(torch.equal(s_shared[k], s_plain[k]) for k in s_plain)
+
+    with pytest.raises(ValueError, match="does not fit"):
+        tiny.build_tiny_pair(tmp_path / "bad", seed=0, vision_from=tmp_path / "src")  # patch 6 vs 8

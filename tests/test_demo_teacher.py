@@ -1,0 +1,46 @@
+"""The demo's teacher cache: reused under the same recipe, retrained under another (no subprocesses)."""
+import json
+
+from distill import demo
+
+
+class _Recorder:
+    """Stands in for demo.Runner: records each step and creates its `done` marker."""
+
+    py = "python"
+
+    def __init__(self):
+        self.titles = []
+
+    def step(self, title, cmd, done=None):
+        if done is not None and done.exists():
+            return
+        self.titles.append(title)
+        if done is not None:
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text("{}")
+
+    def deepspeed(self, title, stage, config, overrides, done):
+        assert stage == 2 and "model.teacher=null" in overrides and "model.train_vision=true" in overrides
+        self.step(title, overrides, done)
+
+
+def test_teacher_reused_by_recipe_retrained_otherwise(tmp_path):
+    root = tmp_path / "teacher"
+    run = _Recorder()
+    teacher, _ = demo.train_teacher(run, demo.QUICK, root, seed=0)
+    assert teacher == root / "teacher_hf"
+    assert [t.split(",")[0] for t in run.titles if t.startswith("teacher training")] == [
+        "teacher training", "teacher training"]  # phase 1 (captions) and phase 2 (captions + Q/A)
+    assert json.loads((root / "recipe.json").read_text()) == demo._recipe(demo.QUICK, 0)
+
+    again = _Recorder()
+    demo.train_teacher(again, demo.QUICK, root, seed=0)
+    assert again.titles == []  # same recipe: every step is already done
+
+    (root / "marker").write_text("old")
+    other = _Recorder()
+    demo.train_teacher(other, demo.QUICK, root, seed=1)  # another recipe: the old teacher goes
+    assert not (root / "marker").exists()
+    assert any(t.startswith("teacher training") for t in other.titles)
+    assert json.loads((root / "recipe.json").read_text())["seed"] == 1
