@@ -86,7 +86,7 @@ class Runner:
     def step(self, title: str, cmd: list[str], done: Path | None = None) -> None:
         stamp = f"[demo {time.time() - self.t0:6.0f}s]"
         if done is not None and done.exists():
-            print(f"{stamp} {title}: already done ({done.relative_to(self.out)}), skipping", flush=True)
+            print(f"{stamp} {title}: already done ({os.path.relpath(done, self.out)}), skipping", flush=True)
             return
         print(f"{stamp} {title}\n    $ {' '.join(cmd)}", flush=True)
         with open(self.log, "a") as log:

@@ -44,3 +44,14 @@ def test_teacher_reused_by_recipe_retrained_otherwise(tmp_path):
     assert not (root / "marker").exists()
     assert any(t.startswith("teacher training") for t in other.titles)
     assert json.loads((root / "recipe.json").read_text())["seed"] == 1
+
+
+def test_runner_skips_a_step_done_outside_its_folder(tmp_path, capsys):
+    """The teacher folder may live outside --out (make demo / make ablation share one): a finished
+    step there is skipped, not run, and named relative to --out."""
+    out, shared = tmp_path / "demo", tmp_path / "tiny_teacher"
+    out.mkdir()
+    (shared / "teacher_hf").mkdir(parents=True)
+    (shared / "teacher_hf" / "config.json").write_text("{}")
+    demo.Runner(out, ranks=2).step("export", ["false"], done=shared / "teacher_hf" / "config.json")
+    assert "already done (../tiny_teacher/teacher_hf/config.json)" in capsys.readouterr().out
