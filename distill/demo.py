@@ -325,6 +325,17 @@ def untrained_student(run: Runner, b: Budget, teacher: Path, out: Path, seed: in
     return out / "student"
 
 
+def ablation_variants(attn_weights: list[float]) -> dict[str, tuple[float, float]]:
+    """:data:`VARIANTS` with kd_attn at each of ``attn_weights`` (1 keeps the name kd_attn; another
+    weight w adds kd_attn_w<w>), in the order given."""
+    out = {k: v for k, v in VARIANTS.items() if k != "kd_attn"}
+    for w in attn_weights:
+        if w <= 0:
+            raise SystemExit(f"--attn-weights: each weight must be > 0, got {w:g}")
+        out["kd_attn" if w == 1 else f"kd_attn_w{w:g}"] = (1.0, float(w))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="End-to-end CompoDistill demo on tiny offline models (2 CPU ranks).")
     ap.add_argument("--out", default="runs/demo", help="output folder (report.md lands here)")
@@ -334,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (processes)")
     ap.add_argument("--seed", type=int, default=0, help="data, teacher and (demo) student seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--ablation: student seeds")
+    ap.add_argument("--attn-weights", type=float, nargs="+", default=[1.0],
+                    help="--ablation: loss.attn_weight of the kd_attn variant; each weight other than 1 adds a "
+                         "variant kd_attn_w<weight> (e.g. --attn-weights 1 1000)")
     ap.add_argument("--teacher-dir", default=None,
                     help="where the trained teacher is kept and reused (default OUT/teacher; `make demo` and "
                          "`make ablation` share runs/tiny_teacher)")
@@ -361,14 +375,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.ablation:
         from distill.eval.ablation import ablation_markdown, collect_ablation, write_ablation
 
+        variants = ablation_variants(args.attn_weights)
         evaluate(run, b, "teacher", teacher, test, out / "teacher" / "eval")
         for seed in args.seeds:
             student0 = untrained_student(run, b, teacher, out / f"seed{seed}" / "models", seed)
-            for variant, (kd, attn) in VARIANTS.items():
+            for variant, (kd, attn) in variants.items():
                 vdir = out / f"seed{seed}" / variant
                 student = ablation_student(run, b, teacher, student0, data, vdir, seed, kd, attn)
                 evaluate(run, b, f"seed {seed} {variant}", student, test, vdir / "eval", teacher=teacher)
-        result = collect_ablation(out, args.seeds, list(VARIANTS))
+        result = collect_ablation(out, args.seeds, list(variants))
         write_ablation(out, result)
         table = ablation_markdown(result)
         print(f"\n[demo] ablation done in {(time.time() - t0) / 60:.1f} min; {out / 'ablation.json'}\n\n{table}\n",

@@ -55,3 +55,9 @@ def test_runner_skips_a_step_done_outside_its_folder(tmp_path, capsys):
     (shared / "teacher_hf" / "config.json").write_text("{}")
     demo.Runner(out, ranks=2).step("export", ["false"], done=shared / "teacher_hf" / "config.json")
     assert "already done (../tiny_teacher/teacher_hf/config.json)" in capsys.readouterr().out
+
+
+def test_ablation_variants_by_attention_weight():
+    assert demo.ablation_variants([1.0]) == {"sft": (0.0, 0.0), "kd": (1.0, 0.0), "kd_attn": (1.0, 1.0)}
+    assert list(demo.ablation_variants([1.0, 1000.0])) == ["sft", "kd", "kd_attn", "kd_attn_w1000"]
+    assert demo.ablation_variants([1e4])["kd_attn_w10000"] == (1.0, 1e4)
