@@ -19,9 +19,7 @@ per matched layer the cosine of the loss's (filtered) column profiles, written t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from distill.eval.ab import DEFAULT_AB_PROMPT
 from distill.eval.common import DEFAULT_CAPTION_PROMPT, EvalDataError, parse_dtype, write_results
@@ -80,46 +78,32 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _attn_similarity(args) -> dict:
-    from distill.eval.attn_similarity import evaluate_attn_similarity, markdown_table
+def _attn_similarity(args) -> tuple[dict, list[dict]]:
+    from distill.eval.attn_similarity import evaluate_attn_similarity
     from distill.eval.common import load_model_and_processor
     from distill.eval.compositional import load_compositional
 
-    try:
-        samples = load_compositional(args.data, args.images, limit=args.limit)
-        dtype = parse_dtype(args.dtype)
-        teacher, t_proc = load_model_and_processor(args.teacher, dtype, args.device)
-        student, s_proc = load_model_and_processor(args.student, dtype, args.device)
-        results, per_sample = evaluate_attn_similarity(
-            teacher, student, t_proc, s_proc, samples, prompt=args.prompt, student_layers=args.student_layers,
-            window=args.window, kind=args.kind, backend=args.backend, progress=not args.no_progress)
-    except (EvalDataError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    results = {"task": args.task, "teacher": str(args.teacher), "student": str(args.student),
-               "data": [str(d) for d in args.data], **results}
-    table = markdown_table(results)
-    print(table)
-    write_results(args.out, "attn_similarity", results, table)
-    if args.out is not None:
-        with open(Path(args.out) / "attn_similarity_samples.jsonl", "w") as f:
-            for row in per_sample:
-                f.write(json.dumps(row) + "\n")
-    return results
+    samples = load_compositional(args.data, args.images, limit=args.limit)
+    dtype = parse_dtype(args.dtype)
+    teacher, t_proc = load_model_and_processor(args.teacher, dtype, args.device)
+    student, s_proc = load_model_and_processor(args.student, dtype, args.device)
+    return evaluate_attn_similarity(teacher, student, t_proc, s_proc, samples, prompt=args.prompt,
+                                    student_layers=args.student_layers, window=args.window, kind=args.kind,
+                                    backend=args.backend, progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"error: --limit must be >= 1 (got {args.limit})")
-    if args.task == "attn_similarity":
-        return _attn_similarity(args)
-    if args.batch_size < 1:
+    if args.task != "attn_similarity" and args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1 (got {args.batch_size})")
     try:
         from distill.eval.common import load_model_and_processor
-        from distill.eval.compositional import markdown_table
 
-        if args.task == "compositional":
+        if args.task == "attn_similarity":
+            results, per_sample = _attn_similarity(args)
+        elif args.task == "compositional":
             from distill.eval.ab import check_ab_prompt, evaluate_compositional_ab
             from distill.eval.compositional import evaluate_compositional, load_compositional
 
@@ -144,19 +128,25 @@ def main(argv: list[str] | None = None) -> dict:
                                                progress=not args.no_progress)
     except (EvalDataError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    results = {"task": args.task, "model": str(args.model), "data": [str(d) for d in args.data], **results}
-    if args.task == "compositional":
-        title = "A/B accuracy (%)" if args.protocol == "ab" else "accuracy (%)"
-        stem = "compositional_ab" if args.protocol == "ab" else "compositional"
+    data = [str(d) for d in args.data]
+    if args.task == "attn_similarity":
+        from distill.eval.attn_similarity import markdown_table as similarity_table
+
+        results = {"task": args.task, "teacher": str(args.teacher), "student": str(args.student), "data": data,
+                   **results}
+        stem, table = "attn_similarity", similarity_table(results)
     else:
-        title, stem = "exact match (%)", "vqa"
-    table = markdown_table(results, title)
+        from distill.eval.compositional import markdown_table
+
+        results = {"task": args.task, "model": str(args.model), "data": data, **results}
+        if args.task == "compositional":
+            title = "A/B accuracy (%)" if args.protocol == "ab" else "accuracy (%)"
+            stem = "compositional_ab" if args.protocol == "ab" else "compositional"
+        else:
+            title, stem = "exact match (%)", "vqa"
+        table = markdown_table(results, title)
     print(table)
-    write_results(args.out, stem, results, table)
-    if args.out is not None:
-        with open(Path(args.out) / f"{stem}_samples.jsonl", "w") as f:
-            for row in per_sample:
-                f.write(json.dumps(row) + "\n")
+    write_results(args.out, stem, results, table, per_sample)
     return results
 
 

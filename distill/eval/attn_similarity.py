@@ -6,9 +6,9 @@ What is computed, per image (each compositional sample's image with the caption 
 1. Layers are paired with :func:`distill.losses.match_layers` (its defaults unless
    ``student_layers`` / ``window`` are given), as training and ``distill.viz`` pair them.
 2. The head-averaged visual blocks ``P [n, n]`` (visual query rows, visual key columns, causal
-   zeros above the diagonal) are captured with :func:`distill.viz.attention_maps.capture_visual_attention`
-   (the training capture path); a teacher window's target is the mean of its layers' blocks, as
-   in training (``distill.objective``).
+   zeros above the diagonal) come from :func:`distill.viz.attention_maps.matched_maps` (the training
+   capture path); a teacher window's target is the mean of its layers' blocks, as in training
+   (``distill.objective``).
 3. Per matched layer the similarity is ``1 - attention_alignment_loss(student, teacher, kind)``
    on that layer's single-image ``[1, 1, n, n]`` maps, i.e. exactly the cosine the loss optimises.
    For the default ``kind="filtered_cosine"`` (CompoDistill): with ``m`` and ``s`` the mean and
@@ -18,9 +18,9 @@ What is computed, per image (each compositional sample's image with the caption 
    ``cos(student profile, teacher profile)`` over the n image tokens. ``kind="cosine"``: the same
    profiles over every causal entry (i >= j), no filter.
 
-The full maps are needed for the filter (it thresholds individual entries), so this module does
-not use the column profiles `distill.viz.attention_maps.attention_maps` returns; it applies the
-loss function itself rather than a copy of its math.
+The full maps are needed for the filter (it thresholds individual entries), so this module takes
+the matched maps, not the column profiles `distill.viz.attention_maps.attention_maps` draws; it
+applies the loss function itself rather than a copy of its math.
 
 Result: ``per_layer`` = the mean over images of each matched layer's cosine, ``mean`` = the mean
 of ``per_layer``, in [-1, 1] (1: identical filtered profiles).
@@ -37,11 +37,6 @@ from distill.eval.common import EvalDataError
 SIM_KINDS = ("filtered_cosine", "cosine")
 
 
-def _depth(model) -> int:
-    cfg = getattr(model.config, "text_config", model.config)
-    return int(cfg.num_hidden_layers)
-
-
 def image_similarity(teacher, student, teacher_processor, student_processor, image, prompt: str, *,
                      student_layers: Sequence[int] | None = None, window: int | None = None,
                      kind: str = "filtered_cosine", backend: str = "auto") -> dict:
@@ -51,25 +46,18 @@ def image_similarity(teacher, student, teacher_processor, student_processor, ima
         {"student_layers": [int], "teacher_windows": [[int]], "per_layer": [float] (one per pair),
         "image_tokens": n}. Raises `EvalDataError` when the pair sees different image-token counts.
     """
-    from distill.losses import attention_alignment_loss, match_layers
-    from distill.viz.attention_maps import capture_visual_attention
+    from distill.losses import attention_alignment_loss
+    from distill.viz.attention_maps import matched_maps
 
     if kind not in SIM_KINDS:
         raise ValueError(f"similarity kind must be one of {SIM_KINDS}, got {kind!r}")
-    s_layers, t_windows = match_layers(_depth(student), _depth(teacher), student_layers=student_layers, window=window)
-    t_layers = sorted({t for w in t_windows for t in w})
-    s_maps = capture_visual_attention(student, student_processor, image, prompt, s_layers, backend)  # (L, n, n)
-    t_all = capture_visual_attention(teacher, teacher_processor, image, prompt, t_layers, backend)  # (Lt, n, n)
-    if s_maps.shape[-1] != t_all.shape[-1]:
-        raise EvalDataError(f"student has {s_maps.shape[-1]} image tokens, teacher {t_all.shape[-1]}; "
-                            "the pair must share the image-token count")
-    t_maps = torch.stack([t_all[[t_layers.index(t) for t in w]].mean(0) for w in t_windows])  # (L, n, n)
-    per_layer = []
-    for s, t in zip(s_maps, t_maps):
-        loss = attention_alignment_loss(s[None, None], t[None, None], kind=kind)
-        per_layer.append(1.0 - float(loss))
-    return {"student_layers": list(s_layers), "teacher_windows": [list(w) for w in t_windows],
-            "per_layer": per_layer, "image_tokens": int(s_maps.shape[-1])}
+    s_layers, t_windows, s_maps, t_maps = matched_maps(teacher, student, teacher_processor, student_processor, image,
+                                                       prompt, student_layers=student_layers, window=window,
+                                                       backend=backend)
+    per_layer = [1.0 - float(attention_alignment_loss(s[None, None], t[None, None], kind=kind))
+                 for s, t in zip(s_maps, t_maps)]
+    return {"student_layers": s_layers, "teacher_windows": t_windows, "per_layer": per_layer,
+            "image_tokens": int(s_maps.shape[-1])}
 
 
 def evaluate_attn_similarity(teacher, student, teacher_processor, student_processor, samples, *,

@@ -233,14 +233,20 @@ def render_chat(processor, messages: Sequence[dict], add_generation_prompt: bool
 # ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------
-def write_results(out_dir: str | os.PathLike | None, stem: str, results: dict, table: str) -> None:
-    """Write `<stem>.json` and `<stem>.md` under `out_dir` (created) when given."""
+def write_results(out_dir: str | os.PathLike | None, stem: str, results: dict, table: str,
+                  per_sample: Sequence[dict] | None = None) -> None:
+    """Write `<stem>.json`, `<stem>.md` and, given `per_sample`, `<stem>_samples.jsonl` (one row a line)
+    under `out_dir` (created) when given."""
     if out_dir is None:
         return
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (out / f"{stem}.md").write_text(table + "\n")
+    if per_sample is not None:
+        with open(out / f"{stem}_samples.jsonl", "w") as f:
+            for row in per_sample:
+                f.write(json.dumps(row) + "\n")
 
 
 def read_json_or_jsonl(path: str | os.PathLike) -> Any:

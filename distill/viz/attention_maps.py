@@ -154,14 +154,15 @@ def _depth(model) -> int:
     return int(cfg.num_hidden_layers)
 
 
-def attention_maps(teacher, student, teacher_processor, student_processor, image, prompt: str, *,
-                   student_layers: Sequence[int] | None = None, window: int | None = None,
-                   backend: str = "auto", visible_rows: bool = False) -> dict:
-    """Matched teacher and student visual-attention profiles for one image and prompt.
+def matched_maps(teacher, student, teacher_processor, student_processor, image, prompt: str, *,
+                 student_layers: Sequence[int] | None = None, window: int | None = None,
+                 backend: str = "auto") -> tuple[list[int], list[list[int]], torch.Tensor, torch.Tensor]:
+    """Matched student and teacher visual blocks for one image and prompt.
 
-    Returns a dict with ``student_layers`` (list[int]), ``teacher_windows`` (list[list[int]]),
-    ``student`` [L, n] and ``teacher`` [L, n] fp32 profiles (`visual_attention_profile` with
-    `visible_rows`; a teacher window is the mean of its layers' maps), and ``grid`` (rows, cols).
+    Layers are paired with `distill.losses.match_layers` (its defaults unless given); a teacher
+    window's map is the mean of its layers' maps, as in training.
+    Returns:
+        ``(student_layers, teacher_windows, student [L, n, n], teacher [L, n, n])`` fp32 maps.
     """
     from distill.losses import match_layers
 
@@ -169,11 +170,26 @@ def attention_maps(teacher, student, teacher_processor, student_processor, image
     t_layers = sorted({t for w in t_windows for t in w})
     s_maps = capture_visual_attention(student, student_processor, image, prompt, s_layers, backend)  # (L, n, n)
     t_all = capture_visual_attention(teacher, teacher_processor, image, prompt, t_layers, backend)  # (Lt, n, n)
-    t_maps = torch.stack([t_all[[t_layers.index(t) for t in w]].mean(0) for w in t_windows])  # (L, n, n)
-    if s_maps.shape[-1] != t_maps.shape[-1]:
-        raise EvalDataError(f"student has {s_maps.shape[-1]} image tokens, teacher {t_maps.shape[-1]}; "
+    if s_maps.shape[-1] != t_all.shape[-1]:
+        raise EvalDataError(f"student has {s_maps.shape[-1]} image tokens, teacher {t_all.shape[-1]}; "
                             "the pair must share the image-token count")
-    return {"student_layers": list(s_layers), "teacher_windows": [list(w) for w in t_windows],
+    t_maps = torch.stack([t_all[[t_layers.index(t) for t in w]].mean(0) for w in t_windows])  # (L, n, n)
+    return list(s_layers), [list(w) for w in t_windows], s_maps, t_maps
+
+
+def attention_maps(teacher, student, teacher_processor, student_processor, image, prompt: str, *,
+                   student_layers: Sequence[int] | None = None, window: int | None = None,
+                   backend: str = "auto", visible_rows: bool = False) -> dict:
+    """Matched teacher and student visual-attention profiles for one image and prompt.
+
+    Returns a dict with ``student_layers`` (list[int]), ``teacher_windows`` (list[list[int]]),
+    ``student`` [L, n] and ``teacher`` [L, n] fp32 profiles (`visual_attention_profile` with
+    `visible_rows` of the :func:`matched_maps`), and ``grid`` (rows, cols).
+    """
+    s_layers, t_windows, s_maps, t_maps = matched_maps(teacher, student, teacher_processor, student_processor, image,
+                                                       prompt, student_layers=student_layers, window=window,
+                                                       backend=backend)
+    return {"student_layers": s_layers, "teacher_windows": t_windows,
             "student": visual_attention_profile(s_maps, visible_rows),
             "teacher": visual_attention_profile(t_maps, visible_rows),
             "grid": image_grid(student_processor, image, s_maps.shape[-1])}
