@@ -58,10 +58,9 @@ class Budget:
 
 
 FULL = Budget(teacher_scenes=2000, student_scenes=400, test_scenes=96, teacher_steps=1000, teacher_qa_steps=200,
-              stage1_steps=40,
-              stage2_steps=60, stage3_steps=120, ablation_steps=100, eval_limit=None)
-QUICK = Budget(teacher_scenes=32, student_scenes=16, test_scenes=8, teacher_steps=4, teacher_qa_steps=2, stage1_steps=2, stage2_steps=2,
-               stage3_steps=3, ablation_steps=2, eval_limit=8, batch_size=2)
+              stage1_steps=40, stage2_steps=60, stage3_steps=120, ablation_steps=100, eval_limit=None)
+QUICK = Budget(teacher_scenes=32, student_scenes=16, test_scenes=8, teacher_steps=4, teacher_qa_steps=2,
+               stage1_steps=2, stage2_steps=2, stage3_steps=3, ablation_steps=2, eval_limit=8, batch_size=2)
 VARIANTS = {"sft": (0.0, 0.0), "kd": (1.0, 0.0), "kd_attn": (1.0, 1.0)}
 """Ablation variants: (loss.kd_weight, loss.attn_weight); the LM weight is 1 in all three."""
 
@@ -109,6 +108,13 @@ class Runner:
         if rc != 0:
             sys.stderr.write("".join(tail))
             raise SystemExit(f"demo step '{title}' failed with exit code {rc}; full log: {self.log}")
+
+    def synth(self, title: str, out: Path, num: int, seed: int, num_test: int, shard_size: int) -> Path:
+        """``python -m data_prep synth`` into ``out`` (done once its splits are sharded); returns ``out``."""
+        self.step(title, [self.py, "-m", "data_prep", "synth", "--out", str(out), "--num", str(num), "--seed",
+                          str(seed), "--num-test", str(num_test), "--quiet", "--shard-size", str(shard_size)],
+                  done=out / "compositional" / "shards" / "manifest.json")
+        return out
 
     def deepspeed(self, title: str, stage: int, config: Path, overrides: list[str], done: Path) -> None:
         launcher = shutil.which("deepspeed", path=str(Path(self.py).parent)) or shutil.which("deepspeed")
@@ -194,23 +200,20 @@ def evaluate(run: Runner, b: Budget, name: str, model: Path, test: Path, out: Pa
     Results land in ``out`` (``compositional.json``, ``compositional_ab.json``, ``vqa.json``,
     ``attn_similarity.json``)."""
     comp, qa = test / "compositional" / "shards", test / "instruct" / "shards"
-    tasks = [("compositional", ["compositional"], comp), ("compositional_ab", ["compositional", "--protocol", "ab"], comp),
-             ("vqa", ["vqa"], qa)]
-    res = {}
-    for stem, task, data in tasks:
-        cmd = [run.py, "-m", "distill.eval", *task, "--model", str(model), "--data", str(data), "--out", str(out),
-               "--device", "cpu", "--no-progress"]
-        if b.eval_limit:
-            cmd += ["--limit", str(b.eval_limit)]
-        run.step(f"eval {' '.join(task)}: {name}", cmd, done=out / f"{stem}.json")
-        res[stem] = json.loads((out / f"{stem}.json").read_text())
+    model_args = ["--model", str(model)]
+    tasks = [("compositional", ["compositional", *model_args, "--data", str(comp)]),
+             ("compositional_ab", ["compositional", "--protocol", "ab", *model_args, "--data", str(comp)]),
+             ("vqa", ["vqa", *model_args, "--data", str(qa)])]
     if teacher is not None:
-        cmd = [run.py, "-m", "distill.eval", "attn_similarity", "--teacher", str(teacher), "--student", str(model),
-               "--data", str(comp), "--out", str(out), "--device", "cpu", "--no-progress"]
+        tasks.append(("attn_similarity", ["attn_similarity", "--teacher", str(teacher), "--student", str(model),
+                                          "--data", str(comp)]))
+    res = {}
+    for stem, task in tasks:
+        cmd = [run.py, "-m", "distill.eval", *task, "--out", str(out), "--device", "cpu", "--no-progress"]
         if b.eval_limit:
             cmd += ["--limit", str(b.eval_limit)]
-        run.step(f"visual-attention similarity to the teacher: {name}", cmd, done=out / "attn_similarity.json")
-        res["attn_similarity"] = json.loads((out / "attn_similarity.json").read_text())
+        run.step(f"eval {stem}: {name}", cmd, done=out / f"{stem}.json")
+        res[stem] = json.loads((out / f"{stem}.json").read_text())
     return res
 
 
@@ -279,11 +282,9 @@ def train_teacher(run: Runner, b: Budget, root: Path, seed: int) -> tuple[Path, 
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(recipe, indent=1) + "\n")
-    data, models = root / "data", root / "models"
-    run.step("synthetic training data (the teacher's scenes)",
-             [run.py, "-m", "data_prep", "synth", "--out", str(data), "--num", str(b.teacher_scenes), "--seed",
-              str(seed), "--num-test", "1", "--quiet", "--shard-size", str(max(2, b.teacher_scenes // 16))],
-             done=data / "instruct" / "shards" / "manifest.json")
+    models = root / "models"
+    data = run.synth("synthetic training data (the teacher's scenes)", root / "data", b.teacher_scenes, seed, 1,
+                     max(2, b.teacher_scenes // 16))
     run.step("tiny teacher (random weights)", [run.py, "-m", "distill.models.tiny", "--out", str(models), "--seed",
                                                str(seed), "--patch-size", str(b.patch_size)],
              done=models / "teacher" / "config.json")
@@ -309,12 +310,8 @@ def train_teacher(run: Runner, b: Budget, root: Path, seed: int) -> tuple[Path, 
 
 def student_data(run: Runner, b: Budget, out: Path, seed: int) -> Path:
     """The student's training data: the first ``student_scenes`` of the teacher's scenes (same seed)."""
-    data = out / "data_student"
-    run.step("the student's training data (the first scenes of the teacher's)",
-             [run.py, "-m", "data_prep", "synth", "--out", str(data), "--num", str(b.student_scenes), "--seed",
-              str(seed), "--num-test", "1", "--quiet", "--shard-size", str(max(2, b.student_scenes // 8))],
-             done=data / "instruct" / "shards" / "manifest.json")
-    return data
+    return run.synth("the student's training data (the first scenes of the teacher's)", out / "data_student",
+                     b.student_scenes, seed, 1, max(2, b.student_scenes // 8))
 
 
 def untrained_student(run: Runner, b: Budget, teacher: Path, out: Path, seed: int) -> Path:
@@ -363,11 +360,8 @@ def main(argv: list[str] | None = None) -> None:
 
     teacher, _ = train_teacher(run, b, Path(args.teacher_dir).resolve() if args.teacher_dir else out / "teacher",
                                args.seed)
-    test = out / "data_test"
-    run.step("held-out test data (another seed)",
-             [run.py, "-m", "data_prep", "synth", "--out", str(test), "--num", str(b.test_scenes), "--num-test",
-              str(b.test_scenes), "--seed", str(args.seed + 1000), "--quiet", "--shard-size", "64"],
-             done=test / "compositional" / "shards" / "manifest.json")
+    test = run.synth("held-out test data (another seed)", out / "data_test", b.test_scenes, args.seed + 1000,
+                     b.test_scenes, 64)
     data = student_data(run, b, out, args.seed)
 
     results: dict[str, dict] = {}

@@ -4,12 +4,11 @@ import json
 from distill import demo
 
 
-class _Recorder:
-    """Stands in for demo.Runner: records each step and creates its `done` marker."""
+class _Recorder(demo.Runner):
+    """demo.Runner that records each step and creates its `done` marker instead of running it."""
 
-    py = "python"
-
-    def __init__(self):
+    def __init__(self, out):
+        super().__init__(out, ranks=2)
         self.titles = []
 
     def step(self, title, cmd, done=None):
@@ -27,19 +26,19 @@ class _Recorder:
 
 def test_teacher_reused_by_recipe_retrained_otherwise(tmp_path):
     root = tmp_path / "teacher"
-    run = _Recorder()
+    run = _Recorder(tmp_path)
     teacher, _ = demo.train_teacher(run, demo.QUICK, root, seed=0)
     assert teacher == root / "teacher_hf"
     assert [t.split(",")[0] for t in run.titles if t.startswith("teacher training")] == [
         "teacher training", "teacher training"]  # phase 1 (captions) and phase 2 (captions + Q/A)
     assert json.loads((root / "recipe.json").read_text()) == demo._recipe(demo.QUICK, 0)
 
-    again = _Recorder()
+    again = _Recorder(tmp_path)
     demo.train_teacher(again, demo.QUICK, root, seed=0)
     assert again.titles == []  # same recipe: every step is already done
 
     (root / "marker").write_text("old")
-    other = _Recorder()
+    other = _Recorder(tmp_path)
     demo.train_teacher(other, demo.QUICK, root, seed=1)  # another recipe: the old teacher goes
     assert not (root / "marker").exists()
     assert any(t.startswith("teacher training") for t in other.titles)

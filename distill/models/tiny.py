@@ -152,11 +152,17 @@ def build_processor(tokenizer, image_size: int = IMAGE_SIZE, patch_size: int = P
     )
 
 
+def tiny_vision(patch_size: int = PATCH_SIZE, hidden: int = 32) -> dict:
+    """The tiny SigLIP tower's spec (2 layers, 2 heads, 48 px) for :func:`vision_config`."""
+    return dict(hidden=hidden, inter=2 * hidden, layers=2, heads=2, image=IMAGE_SIZE, patch=patch_size)
+
+
 def vision_config(spec: dict | None = None):
-    """The tiny SigLIP tower, or the one described by ``spec`` (a :data:`REAL` ``"vision"`` entry)."""
+    """The tiny SigLIP tower (:func:`tiny_vision`), or the one described by ``spec`` (e.g. a :data:`REAL`
+    ``"vision"`` entry)."""
     from transformers import SiglipVisionConfig
 
-    v = spec or dict(hidden=32, inter=64, layers=2, heads=2, image=IMAGE_SIZE, patch=PATCH_SIZE)
+    v = spec or tiny_vision()
     return SiglipVisionConfig(
         hidden_size=v["hidden"],
         intermediate_size=v["inter"],
@@ -296,8 +302,7 @@ def build_tiny_pair(out_dir: str | os.PathLike, seed: int = 0, teacher_hidden: i
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer, patch_size=patch_size)
     th = TEACHER_HIDDEN if teacher_hidden is None else int(teacher_hidden)
-    v = vision_config(dict(hidden=vision_hidden, inter=2 * vision_hidden, layers=2, heads=2, image=IMAGE_SIZE,
-                           patch=patch_size))
+    v = vision_config(tiny_vision(patch_size, vision_hidden))
     tower = _tower_weights(vision_from) if vision_from is not None else None
     teacher = save_model(llava_config(teacher_text_config(tokenizer, hidden_size=th), tokenizer, vision=v),
                          processor, root / "teacher", seed, tower=tower)
