@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict] = {}
     images: dict[str, Path] = {}
     if args.ablation:
-        from distill.eval.ablation import ablation_markdown, collect_ablation, write_ablation
+        from distill.eval.ablation import collect_ablation, write_ablation
 
         variants = ablation_variants(args.attn_weights)
         evaluate(run, b, "teacher", teacher, test, out / "teacher" / "eval")
@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> None:
                 student = ablation_student(run, b, teacher, student0, data, vdir, seed, kd, attn)
                 evaluate(run, b, f"seed {seed} {variant}", student, test, vdir / "eval", teacher=teacher)
         result = collect_ablation(out, args.seeds, list(variants))
-        write_ablation(out, result)
-        table = ablation_markdown(result)
+        _, md = write_ablation(out, result)
+        table = md.read_text()
         print(f"\n[demo] ablation done in {(time.time() - t0) / 60:.1f} min; {out / 'ablation.json'}\n\n{table}\n",
               flush=True)
         return

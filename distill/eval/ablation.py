@@ -66,9 +66,9 @@ def _accuracies(data: dict, path: Path, run: str, protocol: str | None) -> dict:
 
 
 def _read_eval(folder: Path, run: str, with_similarity: bool) -> dict:
-    lik = _accuracies(_read(folder / "compositional.json", run), folder / "compositional.json", run, "likelihood")
-    ab = _accuracies(_read(folder / "compositional_ab.json", run), folder / "compositional_ab.json", run, "ab")
-    vqa_path = folder / "vqa.json"
+    lik_path, ab_path, vqa_path = folder / "compositional.json", folder / "compositional_ab.json", folder / "vqa.json"
+    lik = _accuracies(_read(lik_path, run), lik_path, run, "likelihood")
+    ab = _accuracies(_read(ab_path, run), ab_path, run, "ab")
     out = {**lik, "ab": ab, "vqa": _accuracy(_read(vqa_path, run).get("overall"), vqa_path, run, "overall")}
     if with_similarity:
         path = folder / "attn_similarity.json"
@@ -173,12 +173,12 @@ def ablation_markdown(result: dict) -> str:
     def plain(x, digits=2):
         return "—" if x is None else f"{x:.{digits}f}"
 
-    t = result["teacher"]
-    row = [plain(pick(t, k)) for k in ["overall"] + [("cat", c) for c in cats] + ["ab", "vqa"]] + ["—"]
+    keys = ["overall"] + [("cat", c) for c in cats] + ["ab", "vqa"]
+    row = [plain(pick(result["teacher"], k)) for k in keys] + ["—"]
     lines.append("| teacher | " + " | ".join(row) + " |")
     for name, v in result["variants"].items():
         row = []
-        for k in ["overall"] + [("cat", c) for c in cats] + ["ab", "vqa", "attn_similarity"]:
+        for k in keys + ["attn_similarity"]:
             m, s = pick(v["mean"], k), pick(v["std"], k)
             digits = 4 if k == "attn_similarity" else 2
             row.append("—" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}")
