@@ -56,7 +56,8 @@ def _synth(args: argparse.Namespace) -> int:
     try:
         results = make_synthetic(args.out, num=args.num, seed=args.seed, num_test=args.num_test,
                                  size=96 if args.size is None else args.size, shard_size=args.shard_size,
-                                 workers=args.workers, progress=not args.quiet, sizes=sizes)
+                                 workers=args.workers, progress=not args.quiet, sizes=sizes,
+                                 cell_words=args.cell_words)
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--sizes", default=None, metavar="N,N,...",
                    help="comma-separated image sides (e.g. 56,84,112): each image's side is drawn from the list "
                         "(seeded, per image), so visual-token counts differ inside a batch; replaces --size")
+    s.add_argument("--cell-words", action="store_true",
+                   help="name each shape's grid cell (\"in the top left\") in the caption listings and in "
+                        "\"Where is\" Q/A")
     s.add_argument("--shard-size", type=int, default=1000)
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--quiet", action="store_true")

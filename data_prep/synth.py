@@ -13,10 +13,16 @@ rerun with other sizes re-renders and re-shards that split.
 
 Splits (each ``OUT/<split>/{data.json, images/, shards/}``; shards via ``prepare_llava``):
 
-- ``caption``: one-turn "describe" prompt -> caption naming every shape and one spatial relation.
+- ``caption``: one-turn "describe" prompt -> caption naming every shape and one spatial relation
+  (two with 3 shapes); half open with a listing of the shapes.
 - ``instruct``: Q/A about colour, shape, counts, presence and spatial relations; ~30% multi-turn
   (2-3 Q/A pairs); ~5% text-only records (no image) with general shape/colour questions.
 - ``compositional``: test set in SugarCrepe style; see ``data_prep/FORMAT.md`` for the record layout.
+
+``cell_words`` (``--cell-words``) also names each shape's grid cell: the caption listing says "a red
+circle in the top left", and ``instruct`` gains "Where is the red circle?" questions. Absolute cells
+are a one-hop read of the image, relations a comparison of two cells; the compositional split is
+the same either way.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ RELATIONS = {
     "above": lambda a, b: a[0] < b[0],
     "below": lambda a, b: a[0] > b[0],
 }
+ROW_WORDS = ("top", "middle", "bottom")
+COL_WORDS = ("left", "middle", "right")
 NEGATIVE_CATEGORIES = ("swap_att", "swap_obj", "replace_rel", "replace_att")
 SPLITS = ("caption", "instruct", "compositional")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
@@ -65,6 +73,13 @@ class Obj:
     @property
     def name(self) -> str:
         return f"{self.color} {self.shape}"
+
+    @property
+    def where(self) -> str:
+        """The grid cell in words: "in the top left", "in the center", "in the bottom middle"..."""
+        if self.cell == (1, 1):
+            return "in the center"
+        return f"in the {ROW_WORDS[self.cell[0]]} {COL_WORDS[self.cell[1]]}"
 
 
 def make_scene(rng: random.Random) -> list[Obj]:
@@ -121,7 +136,7 @@ def _phrase(color: str, shape: str, rel: str, color2: str, shape2: str) -> str:
     return f"{first[0].upper()}{first[1:]} {rel} {_article(color2)} {color2} {shape2}."
 
 
-def caption_for(scene: list[Obj], rng: random.Random) -> str:
+def caption_for(scene: list[Obj], rng: random.Random, cell_words: bool = False) -> str:
     a, b = scene[0], scene[1]
     rel = rng.choice(true_relations(a, b))
     text = _phrase(a.color, a.shape, rel, b.color, b.shape)
@@ -130,15 +145,20 @@ def caption_for(scene: list[Obj], rng: random.Random) -> str:
         rel2 = rng.choice(true_relations(c, b))
         text = text[:-1] + f", and {_article(c.color)} {c.name} {rel2} the {b.name}."
     if rng.random() < 0.5:
-        names = [f"{_article(o.color)} {o.name}" for o in scene]
+        names = [f"{_article(o.color)} {o.name}" + (f" {o.where}" if cell_words else "") for o in scene]
         listing = ", ".join(names[:-1]) + f" and {names[-1]}"
         text = f"There are {NUMBER_WORDS[len(scene)]} shapes: {listing}. " + text
     return text
 
 
-def _qa(scene: list[Obj], rng: random.Random) -> tuple[str, str]:
-    kind = rng.choice(("color", "shape", "count", "exists", "spatial", "spatial"))
+QA_KINDS = ("color", "shape", "count", "exists", "spatial", "spatial")
+
+
+def _qa(scene: list[Obj], rng: random.Random, cell_words: bool = False) -> tuple[str, str]:
+    kind = rng.choice(QA_KINDS + (("where",) if cell_words else ()))
     o = rng.choice(scene)
+    if kind == "where":
+        return f"Where is the {o.name}?", f"The {o.name} is {o.where}."
     if kind == "color":
         return f"What color is the {o.shape}?", f"The {o.shape} is {o.color}."
     if kind == "shape":
@@ -177,7 +197,7 @@ def image_size_for(split: str, i: int, seed: int, size: int, sizes=None) -> int:
     return random.Random(f"{seed}/{split}/{i}/size").choice(list(sizes))
 
 
-def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=None) -> dict:
+def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=None, cell_words: bool = False) -> dict:
     rng = random.Random(f"{seed}/{split}/{i}")
     rid = f"synth-{split}-{i:07d}"
     if split == "instruct" and rng.random() < 0.05:
@@ -191,13 +211,13 @@ def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=Non
     if split == "caption":
         rec["conversations"] = [
             {"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
-            {"from": "gpt", "value": caption_for(scene, rng)},
+            {"from": "gpt", "value": caption_for(scene, rng, cell_words)},
         ]
     elif split == "instruct":
         turns = 1 if rng.random() < 0.7 else rng.choice((2, 3))
         conv = []
         for t in range(turns):
-            q, a = _qa(scene, rng)
+            q, a = _qa(scene, rng, cell_words)
             if t == 0:
                 q = f"<image>\n{q}" if rng.random() < 0.8 else f"{q}\n<image>"
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
@@ -223,12 +243,13 @@ def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=Non
     return rec
 
 
-def write_split_json(out_dir: str, split: str, num: int, seed: int, size: int, sizes=None) -> str:
+def write_split_json(out_dir: str, split: str, num: int, seed: int, size: int, sizes=None,
+                     cell_words: bool = False) -> str:
     """Render ``num`` scenes of ``split`` into ``out_dir/<split>/{images/, data.json}``; return the JSON path.
 
     ``data.json`` is rewritten only when its content changes (so a rerun can resume sharding).
     """
-    return _write_split_json(out_dir, split, num, seed, size, sizes)[0]
+    return _write_split_json(out_dir, split, num, seed, size, sizes, cell_words)[0]
 
 
 RENDER_FILE = "render.json"
@@ -238,14 +259,15 @@ def _render_text(size: int, sizes=None) -> str:
     return json.dumps({"sizes": list(sizes)} if sizes else {"size": size}) + "\n"
 
 
-def _write_split_json(out_dir: str, split: str, num: int, seed: int, size: int, sizes=None) -> tuple[str, bool]:
+def _write_split_json(out_dir: str, split: str, num: int, seed: int, size: int, sizes=None,
+                      cell_words: bool = False) -> tuple[str, bool]:
     """Also says whether anything the shards hold changed: the records, or the rendering sizes (the images
     change, data.json does not) against ``<split>/render.json``, which the caller rewrites once any stale
     shards are gone (:func:`_write_render`)."""
     split_dir = os.path.join(out_dir, split)
     images_dir = os.path.join(split_dir, "images")
     os.makedirs(images_dir, exist_ok=True)
-    records = [_record(split, i, seed, size, images_dir, sizes) for i in range(num)]
+    records = [_record(split, i, seed, size, images_dir, sizes, cell_words) for i in range(num)]
     text = json.dumps(records, indent=1) + "\n"
     path = os.path.join(split_dir, "data.json")
     render_path = os.path.join(split_dir, RENDER_FILE)
@@ -273,10 +295,11 @@ def _write_render(out_dir: str, split: str, size: int, sizes=None) -> None:
 
 def make_synthetic(out_dir: str, num: int, seed: int = 0, num_test: int | None = None, size: int = 96,
                    shard_size: int = 1000, workers: int = 1, progress: bool = True,
-                   sizes=None) -> dict[str, PrepResult]:
+                   sizes=None, cell_words: bool = False) -> dict[str, PrepResult]:
     """Write all three splits and shard them. Returns ``{split: PrepResult}``.
 
-    ``sizes``: render each image at a side drawn (seeded, per image) from this list instead of ``size``."""
+    ``sizes``: render each image at a side drawn (seeded, per image) from this list instead of ``size``.
+    ``cell_words``: name each shape's grid cell in the captions' listing and in "Where is" Q/A."""
     from .shards import PrepError, state_changes
 
     if num < 1:
@@ -292,7 +315,7 @@ def make_synthetic(out_dir: str, num: int, seed: int = 0, num_test: int | None =
     counts = {"caption": num, "instruct": num, "compositional": num_test if num_test is not None else max(1, num // 4)}
     results = {}
     for split in SPLITS:
-        path, changed = _write_split_json(out_dir, split, counts[split], seed, size, sizes)
+        path, changed = _write_split_json(out_dir, split, counts[split], seed, size, sizes, cell_words)
         shards = os.path.join(out_dir, split, "shards")
         images = os.path.join(out_dir, split, "images")
         if os.path.isdir(shards) and (changed or state_changes(shards, path, images, shard_size)):

@@ -10,7 +10,7 @@ from PIL import Image
 from data_prep.__main__ import main as cli
 from data_prep.jsonstream import JSONStreamError, iter_records
 from data_prep.shards import MANIFEST, PrepError, prepare_llava
-from data_prep.synth import NEGATIVE_CATEGORIES, make_synthetic
+from data_prep.synth import NEGATIVE_CATEGORIES, Obj, _qa, caption_for, make_synthetic
 from data_prep.verify import verify_dir
 
 
@@ -209,6 +209,42 @@ def test_synth_deterministic_and_layout(tmp_path):
     assert small == big[:4]
     assert (tmp_path / "d" / "caption" / "images" / "0000001.png").read_bytes() == \
         (tmp_path / "a" / "caption" / "images" / "0000001.png").read_bytes()
+
+
+def test_synth_position_words_name_each_objects_cell():
+    """The caption listing and the "Where is" answers name every object's grid cell in words."""
+    import random
+
+    assert Obj("red", "circle", (0, 0)).where == "in the top left"
+    assert Obj("red", "circle", (1, 1)).where == "in the center"
+    assert Obj("red", "circle", (2, 1)).where == "in the bottom middle"
+    assert Obj("red", "circle", (1, 2)).where == "in the middle right"
+    scene = [Obj("red", "circle", (0, 2)), Obj("blue", "square", (2, 0)), Obj("green", "star", (1, 1))]
+    rng = random.Random(0)
+    listings = [c for c in (caption_for(scene, rng, cell_words=True) for _ in range(40)) if c.startswith("There are")]
+    assert listings  # about half the captions list the shapes
+    for c in listings:
+        assert c.startswith("There are three shapes: a red circle in the top right, a blue square in the bottom "
+                            "left and a green star in the center. ")
+    wheres = {a for q, a in (_qa(scene, rng, cell_words=True) for _ in range(200)) if q.startswith("Where is")}
+    assert wheres == {"The red circle is in the top right.", "The blue square is in the bottom left.",
+                      "The green star is in the center."}
+    # off by default: no cell in the listing, no "Where is" question
+    assert not any(" in the " in caption_for(scene, rng).split(". ")[0] for _ in range(40))
+    assert not any(_qa(scene, rng)[0].startswith("Where is") for _ in range(200))
+
+
+def test_synth_cell_words_cli_keeps_the_compositional_split(tmp_path):
+    assert cli(["synth", "--out", str(tmp_path / "plain"), "--num", "8", "--num-test", "4", "--quiet"]) == 0
+    assert cli(["synth", "--out", str(tmp_path / "cells"), "--num", "8", "--num-test", "4", "--quiet",
+                "--cell-words"]) == 0
+    read = lambda d, split: json.loads((tmp_path / d / split / "data.json").read_text())
+    assert read("plain", "compositional") == read("cells", "compositional")
+    plain, cells = read("plain", "caption"), read("cells", "caption")
+    assert [r["image"] for r in plain] == [r["image"] for r in cells]
+    listed = [r["conversations"][1]["value"] for r in cells if r["conversations"][1]["value"].startswith("There are")]
+    assert listed and all(" in the " in c.split(". ")[0] for c in listed)
+    assert read("plain", "caption") != cells
 
 
 def test_synth_sizes_mixes_image_sizes(tmp_path, capsys):

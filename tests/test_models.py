@@ -369,3 +369,36 @@ def test_tiny_demo_tower_and_shared_weights(tiny_models, tmp_path):
 
     with pytest.raises(ValueError, match="does not fit"):
         tiny.build_tiny_pair(tmp_path / "bad", seed=0, vision_from=tmp_path / "src")  # patch 6 vs 8
+
+
+def test_tiny_sincos_position_init(tmp_path):
+    """--vision-position-init sincos writes the 2-D table into both towers: row and column are exact
+    linear reads of it, its rows have the patch embeddings' scale (norm sqrt(width)); every other
+    weight is the seed's. A width the table cannot split in four, or an unknown init, is refused."""
+    import math
+
+    import pytest
+    from transformers import LlavaForConditionalGeneration
+
+    subprocess.run([sys.executable, "-m", "distill.models.tiny", "--out", str(tmp_path / "sc"), "--patch-size", "8",
+                    "--vision-position-init", "sincos"], check=True, capture_output=True)
+    plain = tiny.build_tiny_pair(tmp_path / "plain", seed=0, patch_size=8)
+    table = tiny.sincos_positions(6, 32)
+    assert table.shape == (36, 32)
+    assert torch.allclose(table.norm(dim=1), torch.full((36,), math.sqrt(32)))
+    cells = torch.arange(36, dtype=torch.float64)
+    x = torch.cat([table.double(), torch.ones(36, 1, dtype=torch.float64)], dim=1)
+    for target in (cells // 6, cells % 6):  # row, column
+        w = torch.linalg.pinv(x) @ target[:, None]
+        assert torch.allclose(x @ w, target[:, None], atol=1e-6)
+    key = "model.vision_tower.embeddings.position_embedding.weight"
+    for role in ("teacher", "student"):
+        got = LlavaForConditionalGeneration.from_pretrained(tmp_path / "sc" / role).state_dict()
+        ref = LlavaForConditionalGeneration.from_pretrained(getattr(plain, role)).state_dict()
+        assert torch.equal(got[key], table)
+        assert not torch.allclose(ref[key], table)
+        assert all(torch.equal(got[k], ref[k]) for k in ref if k != key)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny.sincos_positions(6, 30)
+    with pytest.raises(ValueError, match="position_init"):
+        tiny.build_tiny_pair(tmp_path / "bad", seed=0, position_init="learned")

@@ -236,14 +236,41 @@ def student_text_config(tokenizer, hidden_size: int = 64, num_layers: int = 4):
     )
 
 
+POSITION_INITS = ("random", "sincos")
+"""How the tiny tower's position embeddings start: ``random`` (SigLIP's own init, rows of norm ~1,
+about a fifth of a patch embedding's) or ``sincos`` (:func:`sincos_positions`)."""
+
+
+def sincos_positions(grid: int, dim: int) -> torch.Tensor:
+    """A ``(grid * grid, dim)`` 2-D position table in raster order: a quarter of the channels are
+    ``cos`` and a quarter ``sin`` of the row at ``dim / 4`` frequencies ``pi (k + 1/2) / grid``, the other
+    half the same of the column, each row scaled to unit RMS per channel (norm ``sqrt(dim)``), the
+    scale of a patch embedding. Row and column are then linear reads of every image token."""
+    import math
+
+    if dim % 4:
+        raise ValueError(f"a sincos position table needs a width divisible by 4, got {dim}")
+    q = dim // 4
+    freq = math.pi * (torch.arange(q, dtype=torch.float64) + 0.5) / grid
+    cell = torch.arange(grid, dtype=torch.float64) + 0.5
+    ang = cell[:, None] * freq[None, :]  # (grid, q)
+    per_axis = torch.cat([ang.cos(), ang.sin()], dim=1)  # (grid, 2q)
+    rows = per_axis[:, None, :].expand(grid, grid, 2 * q)
+    cols = per_axis[None, :, :].expand(grid, grid, 2 * q)
+    table = torch.cat([rows, cols], dim=2).reshape(grid * grid, dim)
+    return (table / table.norm(dim=1, keepdim=True) * math.sqrt(dim)).float()
+
+
 def save_model(config, processor, out_dir: str | os.PathLike, seed: int,
                dtype: torch.dtype | None = None, device: str = "cpu",
-               tower: dict[str, torch.Tensor] | None = None) -> Path:
+               tower: dict[str, torch.Tensor] | None = None, position_init: str = "random") -> Path:
     """Initialise ``LlavaForConditionalGeneration(config)`` from ``seed`` and save it + processor.
 
     ``dtype``: build (and save) the weights in this dtype (default float32); ``device``: where to
     initialise them (the folder is the same; a GPU only makes large models quick to build);
-    ``tower``: vision tower weights to load instead of the random ones (every tensor, same shapes)."""
+    ``tower``: vision tower weights to load instead of the random ones (every tensor, same shapes);
+    ``position_init``: one of :data:`POSITION_INITS` for the tower's position embeddings (a given
+    ``tower`` brings its own)."""
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     out = Path(out_dir)
@@ -256,6 +283,13 @@ def save_model(config, processor, out_dir: str | os.PathLike, seed: int,
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(old)
+    if position_init not in POSITION_INITS:
+        raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {position_init!r}")
+    if position_init == "sincos":
+        emb = model.model.vision_tower.embeddings.position_embedding
+        grid = config.vision_config.image_size // config.vision_config.patch_size
+        with torch.no_grad():
+            emb.weight.copy_(sincos_positions(grid, emb.weight.shape[1]).to(emb.weight))
     if tower is not None:
         try:
             model.model.vision_tower.load_state_dict(tower, strict=True)
@@ -287,7 +321,7 @@ TEACHER_HIDDEN = 96
 
 def build_tiny_pair(out_dir: str | os.PathLike, seed: int = 0, teacher_hidden: int | None = None,
                     patch_size: int = PATCH_SIZE, vision_hidden: int = 32,
-                    vision_from: str | os.PathLike | None = None) -> TinyPair:
+                    vision_from: str | os.PathLike | None = None, position_init: str = "random") -> TinyPair:
     """Write ``out_dir/teacher`` and ``out_dir/student``; same arguments give identical files.
 
     ``teacher_hidden``: the teacher's text hidden size (default :data:`TEACHER_HIDDEN`; a
@@ -296,7 +330,8 @@ def build_tiny_pair(out_dir: str | os.PathLike, seed: int = 0, teacher_hidden: i
     ``patch_size`` / ``vision_hidden``: the shared SigLIP tower's patch side (``48 / patch_size``
     squared image tokens: 64 by default, 36 at 8) and width. ``vision_from``: an HF LLaVA folder whose
     vision tower weights both models take (a tower shared by the pair, as in real pairs; e.g. the
-    tower a teacher trained), which must have this tower's shape.
+    tower a teacher trained), which must have this tower's shape. ``position_init``: the tower's
+    position embeddings, one of :data:`POSITION_INITS`.
     """
     root = Path(out_dir)
     tokenizer = build_tokenizer()
@@ -305,9 +340,9 @@ def build_tiny_pair(out_dir: str | os.PathLike, seed: int = 0, teacher_hidden: i
     v = vision_config(tiny_vision(patch_size, vision_hidden))
     tower = _tower_weights(vision_from) if vision_from is not None else None
     teacher = save_model(llava_config(teacher_text_config(tokenizer, hidden_size=th), tokenizer, vision=v),
-                         processor, root / "teacher", seed, tower=tower)
+                         processor, root / "teacher", seed, tower=tower, position_init=position_init)
     student = save_model(llava_config(student_text_config(tokenizer), tokenizer, vision=v),
-                         processor, root / "student", seed + 1, tower=tower)
+                         processor, root / "student", seed + 1, tower=tower, position_init=position_init)
     return TinyPair(root=root, teacher=teacher, student=student)
 
 
@@ -387,6 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch-size", type=int, default=PATCH_SIZE,
                         help=f"llava tiny: patch side of the 48 px tower (default {PATCH_SIZE}: 64 image tokens; 8: 36)")
     parser.add_argument("--vision-hidden", type=int, default=32, help="llava tiny: tower width (default 32)")
+    parser.add_argument("--vision-position-init", choices=POSITION_INITS, default="random",
+                        help="llava tiny: the tower's position embeddings: random (SigLIP's init) or sincos (a 2-D "
+                             "sin/cos table at the patch embeddings' scale, row and column linearly readable)")
     parser.add_argument("--vision-from", default=None,
                         help="llava tiny: an HF LLaVA folder whose vision tower weights both models take")
     args = parser.parse_args(argv)
@@ -403,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--patch-size must divide the image side {IMAGE_SIZE}, got {args.patch_size}")
         pair = build_tiny_pair(args.out, seed=args.seed, teacher_hidden=args.teacher_hidden,
                                patch_size=args.patch_size, vision_hidden=args.vision_hidden,
-                               vision_from=args.vision_from)
+                               vision_from=args.vision_from, position_init=args.vision_position_init)
     print(f"teacher: {pair.teacher}\nstudent: {pair.student}")
 
 
