@@ -151,11 +151,8 @@ def caption_for(scene: list[Obj], rng: random.Random, cell_words: bool = False) 
     return text
 
 
-QA_KINDS = ("color", "shape", "count", "exists", "spatial", "spatial")
-
-
 def _qa(scene: list[Obj], rng: random.Random, cell_words: bool = False) -> tuple[str, str]:
-    kind = rng.choice(QA_KINDS + (("where",) if cell_words else ()))
+    kind = rng.choice(("color", "shape", "count", "exists") + (("where",) if cell_words else ()) + ("spatial", "spatial"))
     o = rng.choice(scene)
     if kind == "where":
         return f"Where is the {o.name}?", f"The {o.name} is {o.where}."
