@@ -42,10 +42,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -442,15 +440,11 @@ def sec_sync_debug(args, clock, out_dir):
 
 
 def _run(cmd, log_path, timeout, env=None):
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=max(1, timeout), cwd=ROOT,
-                                  env=env)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    return rc, time.perf_counter() - t0
+    """(exit status or "timeout", seconds); the child's whole process group is killed on timeout."""
+    from distill.subproc import run_logged
+
+    r = run_logged(cmd, log_path, timeout, env=env, cwd=ROOT)
+    return r["rc"], r["seconds"]
 
 
 def sec_bench(args, clock, out_dir):

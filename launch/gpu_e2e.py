@@ -49,7 +49,6 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,18 +63,9 @@ TERMS = ("loss", "lm", "kd", "attn")
 
 def _run(cmd, log: Path, timeout: float, env=None) -> dict:
     """Run ``cmd`` (output to ``log``); ``{"rc", "seconds", "log"}``; the group is killed on timeout."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(log, "wb") as f:
-        p = subprocess.Popen([str(c) for c in cmd], cwd=str(ROOT), env=env, stdout=f, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 9)
-            p.wait()
-            rc = "timeout"
-    return {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": str(log)}
+    from distill.subproc import run_logged
+
+    return run_logged(cmd, log, timeout, env=env, cwd=ROOT)
 
 
 def _tail(path, n=3000) -> str:
