@@ -58,7 +58,7 @@ class Budget:
 
 
 FULL = Budget(teacher_scenes=2000, student_scenes=400, test_scenes=96, teacher_steps=1000, teacher_qa_steps=200,
-              stage1_steps=40, stage2_steps=60, stage3_steps=120, ablation_steps=100, eval_limit=None)
+              stage1_steps=40, stage2_steps=60, stage3_steps=120, ablation_steps=400, eval_limit=None)
 QUICK = Budget(teacher_scenes=32, student_scenes=16, test_scenes=8, teacher_steps=4, teacher_qa_steps=2,
                stage1_steps=2, stage2_steps=2, stage3_steps=3, ablation_steps=2, eval_limit=8, batch_size=2)
 VARIANTS = {"sft": (0.0, 0.0), "kd": (1.0, 0.0), "kd_attn": (1.0, 1.0)}
