@@ -286,7 +286,9 @@ def save_model(config, processor, out_dir: str | os.PathLike, seed: int,
     if position_init not in POSITION_INITS:
         raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {position_init!r}")
     if position_init == "sincos":
-        emb = model.model.vision_tower.embeddings.position_embedding
+        # the tower's embeddings sit at .embeddings or .vision_model.embeddings, by transformers version
+        emb = next(m.position_embedding for m in model.model.vision_tower.modules()
+                   if isinstance(getattr(m, "position_embedding", None), torch.nn.Embedding))
         grid = config.vision_config.image_size // config.vision_config.patch_size
         with torch.no_grad():
             emb.weight.copy_(sincos_positions(grid, emb.weight.shape[1]).to(emb.weight))
