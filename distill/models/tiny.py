@@ -273,6 +273,8 @@ def save_model(config, processor, out_dir: str | os.PathLike, seed: int,
     ``tower`` brings its own)."""
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
+    if position_init not in POSITION_INITS:
+        raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {position_init!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -283,9 +285,7 @@ def save_model(config, processor, out_dir: str | os.PathLike, seed: int,
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(old)
-    if position_init not in POSITION_INITS:
-        raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {position_init!r}")
-    if position_init == "sincos":
+    if position_init == "sincos" and tower is None:
         # the tower's embeddings sit at .embeddings or .vision_model.embeddings, by transformers version
         emb = next(m.position_embedding for m in model.model.vision_tower.modules()
                    if isinstance(getattr(m, "position_embedding", None), torch.nn.Embedding))
