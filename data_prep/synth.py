@@ -23,6 +23,11 @@ Splits (each ``OUT/<split>/{data.json, images/, shards/}``; shards via ``prepare
 circle in the top left", and ``instruct`` gains "Where is the red circle?" questions. Absolute cells
 are a one-hop read of the image, relations a comparison of two cells; the compositional split is
 the same either way.
+
+``all_relations`` (``--all-relations``) makes each caption state one true relation for every ordered
+pair of shapes, a sentence each ("A red circle above a blue square. A blue square below a red
+circle. ..."), instead of one or two: several times the relation words per caption. The compositional
+split is the same either way.
 """
 
 from __future__ import annotations
@@ -136,11 +141,16 @@ def _phrase(color: str, shape: str, rel: str, color2: str, shape2: str) -> str:
     return f"{first[0].upper()}{first[1:]} {rel} {_article(color2)} {color2} {shape2}."
 
 
-def caption_for(scene: list[Obj], rng: random.Random, cell_words: bool = False) -> str:
+def caption_for(scene: list[Obj], rng: random.Random, cell_words: bool = False, all_relations: bool = False) -> str:
     a, b = scene[0], scene[1]
     rel = rng.choice(true_relations(a, b))
     text = _phrase(a.color, a.shape, rel, b.color, b.shape)
-    if len(scene) == 3:
+    if all_relations:  # one sentence per pair of shapes, each pair in both orders
+        pairs = [(x, y) for x in scene for y in scene if x is not y and (x, y) != (a, b)]
+        rng.shuffle(pairs)
+        text = " ".join([text] + [_phrase(x.color, x.shape, rng.choice(true_relations(x, y)), y.color, y.shape)
+                                  for x, y in pairs])
+    elif len(scene) == 3:
         c = scene[2]
         rel2 = rng.choice(true_relations(c, b))
         text = text[:-1] + f", and {_article(c.color)} {c.name} {rel2} the {b.name}."
@@ -194,7 +204,8 @@ def image_size_for(split: str, i: int, seed: int, size: int, sizes=None) -> int:
     return random.Random(f"{seed}/{split}/{i}/size").choice(list(sizes))
 
 
-def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=None, cell_words: bool = False) -> dict:
+def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=None, cell_words: bool = False,
+            all_relations: bool = False) -> dict:
     rng = random.Random(f"{seed}/{split}/{i}")
     rid = f"synth-{split}-{i:07d}"
     if split == "instruct" and rng.random() < 0.05:
@@ -208,7 +219,7 @@ def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=Non
     if split == "caption":
         rec["conversations"] = [
             {"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
-            {"from": "gpt", "value": caption_for(scene, rng, cell_words)},
+            {"from": "gpt", "value": caption_for(scene, rng, cell_words, all_relations)},
         ]
     elif split == "instruct":
         turns = 1 if rng.random() < 0.7 else rng.choice((2, 3))
@@ -241,12 +252,12 @@ def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=Non
 
 
 def write_split_json(out_dir: str, split: str, num: int, seed: int, size: int, sizes=None,
-                     cell_words: bool = False) -> str:
+                     cell_words: bool = False, all_relations: bool = False) -> str:
     """Render ``num`` scenes of ``split`` into ``out_dir/<split>/{images/, data.json}``; return the JSON path.
 
     ``data.json`` is rewritten only when its content changes (so a rerun can resume sharding).
     """
-    return _write_split_json(out_dir, split, num, seed, size, sizes, cell_words)[0]
+    return _write_split_json(out_dir, split, num, seed, size, sizes, cell_words, all_relations)[0]
 
 
 RENDER_FILE = "render.json"
@@ -257,14 +268,14 @@ def _render_text(size: int, sizes=None) -> str:
 
 
 def _write_split_json(out_dir: str, split: str, num: int, seed: int, size: int, sizes=None,
-                      cell_words: bool = False) -> tuple[str, bool]:
+                      cell_words: bool = False, all_relations: bool = False) -> tuple[str, bool]:
     """Also says whether anything the shards hold changed: the records, or the rendering sizes (the images
     change, data.json does not) against ``<split>/render.json``, which the caller rewrites once any stale
     shards are gone (:func:`_write_render`)."""
     split_dir = os.path.join(out_dir, split)
     images_dir = os.path.join(split_dir, "images")
     os.makedirs(images_dir, exist_ok=True)
-    records = [_record(split, i, seed, size, images_dir, sizes, cell_words) for i in range(num)]
+    records = [_record(split, i, seed, size, images_dir, sizes, cell_words, all_relations) for i in range(num)]
     text = json.dumps(records, indent=1) + "\n"
     path = os.path.join(split_dir, "data.json")
     render_path = os.path.join(split_dir, RENDER_FILE)
@@ -292,11 +303,12 @@ def _write_render(out_dir: str, split: str, size: int, sizes=None) -> None:
 
 def make_synthetic(out_dir: str, num: int, seed: int = 0, num_test: int | None = None, size: int = 96,
                    shard_size: int = 1000, workers: int = 1, progress: bool = True,
-                   sizes=None, cell_words: bool = False) -> dict[str, PrepResult]:
+                   sizes=None, cell_words: bool = False, all_relations: bool = False) -> dict[str, PrepResult]:
     """Write all three splits and shard them. Returns ``{split: PrepResult}``.
 
     ``sizes``: render each image at a side drawn (seeded, per image) from this list instead of ``size``.
-    ``cell_words``: name each shape's grid cell in the captions' listing and in "Where is" Q/A."""
+    ``cell_words``: name each shape's grid cell in the captions' listing and in "Where is" Q/A.
+    ``all_relations``: captions state a relation for every ordered pair of shapes."""
     from .shards import PrepError, state_changes
 
     if num < 1:
@@ -312,7 +324,7 @@ def make_synthetic(out_dir: str, num: int, seed: int = 0, num_test: int | None =
     counts = {"caption": num, "instruct": num, "compositional": num_test if num_test is not None else max(1, num // 4)}
     results = {}
     for split in SPLITS:
-        path, changed = _write_split_json(out_dir, split, counts[split], seed, size, sizes, cell_words)
+        path, changed = _write_split_json(out_dir, split, counts[split], seed, size, sizes, cell_words, all_relations)
         shards = os.path.join(out_dir, split, "shards")
         images = os.path.join(out_dir, split, "images")
         if os.path.isdir(shards) and (changed or state_changes(shards, path, images, shard_size)):

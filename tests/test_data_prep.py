@@ -234,6 +234,30 @@ def test_synth_position_words_name_each_objects_cell():
     assert not any(_qa(scene, rng)[0].startswith("Where is") for _ in range(200))
 
 
+def test_synth_all_relations_states_a_true_relation_for_every_ordered_pair():
+    import random
+
+    from data_prep.synth import RELATIONS
+
+    scene = [Obj("red", "circle", (0, 2)), Obj("blue", "square", (2, 0)), Obj("green", "star", (1, 1))]
+    by_name = {f"{o.color} {o.shape}": o for o in scene}
+    rng = random.Random(0)
+    for _ in range(20):
+        text = caption_for(scene, rng, all_relations=True)
+        sentences = [s for s in text.split(". ") if not s.startswith("There are")]
+        pairs = []
+        for s in sentences:
+            rel = next(r for r in RELATIONS if f" {r} " in s)
+            a, b = (" ".join(part.split()[-2:]) for part in s.rstrip(".").split(f" {rel} "))
+            assert RELATIONS[rel](by_name[a].cell, by_name[b].cell), s  # every stated relation is true
+            pairs.append((a, b))
+        assert sorted(pairs) == sorted((x, y) for x in by_name for y in by_name if x != y)  # each ordered pair once
+        assert sentences[0].startswith("A red circle ") and sentences[0].endswith("a blue square")  # the usual first
+    two = scene[:2]
+    assert all(len(caption_for(two, rng, all_relations=True).split(". ")) in (2, 3) for _ in range(20))
+    assert " and a green star " in caption_for(scene, random.Random(1))  # off by default: one sentence
+
+
 def test_synth_cell_words_cli_keeps_the_compositional_split(tmp_path):
     assert cli(["synth", "--out", str(tmp_path / "plain"), "--num", "8", "--num-test", "4", "--quiet"]) == 0
     assert cli(["synth", "--out", str(tmp_path / "cells"), "--num", "8", "--num-test", "4", "--quiet",

@@ -21,6 +21,7 @@ class _Recorder(demo.Runner):
 
     def deepspeed(self, title, stage, config, overrides, done):
         assert stage == 2 and "model.teacher=null" in overrides and "model.train_vision=true" in overrides
+        assert f"deepspeed.zero_stage={demo.TEACHER_ZERO_STAGE}" in overrides  # the teacher's own training: ZeRO-2
         self.step(title, overrides, done)
 
 
