@@ -180,7 +180,7 @@ def export(run: Runner, checkpoint: Path, out: Path) -> Path:
 
 
 def ablation_student(run: Runner, b: Budget, teacher: Path, student0: Path, data: Path, out: Path, seed: int,
-                     kd: float, attn: float) -> Path:
+                     kd: float, attn: float, num_layers: int | None = None) -> Path:
     """One ablation variant: a single stage-3 run from the untrained student on the student's captions
     and Q/A (the same budget for every variant; only the loss weights differ). Returns the export."""
     o = out / "train"
@@ -190,7 +190,8 @@ def ablation_student(run: Runner, b: Budget, teacher: Path, student0: Path, data
                    f"run.seed={seed}", f"run.steps={b.ablation_steps}", f"data.batch_size={b.batch_size}",
                    "deepspeed.grad_accum=1", "deepspeed.lr=1e-3",
                    f"data.shards=[{data / 'caption' / 'shards'},{data / 'instruct' / 'shards'}]",
-                   f"loss.kd_weight={kd}", f"loss.attn_weight={attn}"],
+                   f"loss.kd_weight={kd}", f"loss.attn_weight={attn}",
+                   *([f"loss.num_layers={num_layers}"] if num_layers is not None else [])],
                   done=o / "final")
     return export(run, o / "final", out / "student_hf")
 
@@ -338,6 +339,17 @@ def ablation_variants(attn_weights: list[float]) -> dict[str, tuple[float, float
     return out
 
 
+def layer_variants(attn_layers: list[int]) -> dict[str, int]:
+    """kd_attn (weight 1) aligning each of ``attn_layers`` student layers instead of the derived default
+    (``loss.num_layers``; the teacher windows follow from the depths): ``{"kd_attn_L<n>": n}``."""
+    out = {}
+    for n in attn_layers:
+        if n < 1:
+            raise SystemExit(f"--attn-layers: each count must be >= 1, got {n}")
+        out[f"kd_attn_L{n}"] = int(n)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="End-to-end CompoDistill demo on tiny offline models (2 CPU ranks).")
     ap.add_argument("--out", default="runs/demo", help="output folder (report.md lands here)")
@@ -350,11 +362,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--attn-weights", type=float, nargs="+", default=[1.0],
                     help="--ablation: loss.attn_weight of the kd_attn variant; each weight other than 1 adds a "
                          "variant kd_attn_w<weight> (e.g. --attn-weights 1 1000)")
+    ap.add_argument("--attn-layers", type=int, nargs="+", default=[],
+                    help="--ablation: also train kd_attn aligning N student layers (loss.num_layers=N; default: "
+                         "depth // 4) as a variant kd_attn_L<N>, for each N given (e.g. --attn-layers 2 4)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                    help="--ablation: train and evaluate only these variants (the others' folders are left as they "
+                         "are; ablation.json covers the variants given)")
     ap.add_argument("--teacher-dir", default=None,
                     help="where the trained teacher is kept and reused (default OUT/teacher; `make demo` and "
                          "`make ablation` share runs/tiny_teacher)")
     ap.add_argument("--fresh", action="store_true", help="delete --out first (the --teacher-dir is kept)")
     args = ap.parse_args(argv)
+    # the ablation's variants (kd_weight, attn_weight, loss.num_layers), checked before anything runs
+    variants = {k: (kd, attn, None) for k, (kd, attn) in ablation_variants(args.attn_weights).items()}
+    variants.update({k: (1.0, 1.0, n) for k, n in layer_variants(args.attn_layers).items()})
+    everything = list(variants)
+    if args.only is not None:
+        unknown = [v for v in args.only if v not in variants]
+        if unknown:
+            raise SystemExit(f"--only: unknown variant(s) {', '.join(unknown)}; the variants are {', '.join(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.only}
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -374,15 +401,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.ablation:
         from distill.eval.ablation import collect_ablation, write_ablation
 
-        variants = ablation_variants(args.attn_weights)
         evaluate(run, b, "teacher", teacher, test, out / "teacher" / "eval")
         for seed in args.seeds:
             student0 = untrained_student(run, b, teacher, out / f"seed{seed}" / "models", seed)
-            for variant, (kd, attn) in variants.items():
+            for variant, (kd, attn, layers) in variants.items():
                 vdir = out / f"seed{seed}" / variant
-                student = ablation_student(run, b, teacher, student0, data, vdir, seed, kd, attn)
+                student = ablation_student(run, b, teacher, student0, data, vdir, seed, kd, attn, layers)
                 evaluate(run, b, f"seed {seed} {variant}", student, test, vdir / "eval", teacher=teacher)
-        result = collect_ablation(out, args.seeds, list(variants))
+        collected = list(variants)
+        if args.only is not None:  # the table also keeps every other variant already evaluated on every seed
+            collected = [v for v in everything if v in variants or all(
+                (out / f"seed{s}" / v / "eval" / "attn_similarity.json").exists() for s in args.seeds)]
+        result = collect_ablation(out, args.seeds, collected)
         _, md = write_ablation(out, result)
         table = md.read_text()
         print(f"\n[demo] ablation done in {(time.time() - t0) / 60:.1f} min; {out / 'ablation.json'}\n\n{table}\n",

@@ -1,6 +1,8 @@
 """The demo's teacher cache: reused under the same recipe, retrained under another (no subprocesses)."""
 import json
 
+import pytest
+
 from distill import demo
 
 
@@ -61,3 +63,16 @@ def test_ablation_variants_by_attention_weight():
     assert demo.ablation_variants([1.0]) == {"sft": (0.0, 0.0), "kd": (1.0, 0.0), "kd_attn": (1.0, 1.0)}
     assert list(demo.ablation_variants([1.0, 1000.0])) == ["sft", "kd", "kd_attn", "kd_attn_w1000"]
     assert demo.ablation_variants([1e4])["kd_attn_w10000"] == (1.0, 1e4)
+
+
+def test_layer_variants_name_each_count():
+    assert demo.layer_variants([2, 4]) == {"kd_attn_L2": 2, "kd_attn_L4": 4}
+    with pytest.raises(SystemExit, match="--attn-layers"):
+        demo.layer_variants([0])
+
+
+def test_unknown_only_variant_fails_before_anything_runs(tmp_path):
+    out = tmp_path / "ablation"
+    with pytest.raises(SystemExit, match="unknown variant.*nope.*kd_attn_L2"):
+        demo.main(["--ablation", "--attn-layers", "2", "--only", "kd_attn_L2", "nope", "--out", str(out)])
+    assert not out.exists()  # nothing created, no teacher trained
