@@ -250,7 +250,8 @@ def report(out: Path, results: dict[str, dict], images: dict[str, Path], budget:
         "# Demo report", "",
         f"Tiny offline teacher/student pair, synthetic compositional data (the teacher trained on "
         f"{budget.teacher_scenes} scenes per split, the student sees the first {budget.student_scenes}; "
-        f"{n_comp} held-out compositional samples), DeepSpeed ZeRO-3 on 2 CPU ranks. Wall time {elapsed / 60:.1f} min.",
+        f"{n_comp} held-out compositional samples); the student's stages under DeepSpeed ZeRO-3 on 2 CPU ranks "
+        f"(the teacher's own training ZeRO-{TEACHER_ZERO_STAGE}). Wall time {elapsed / 60:.1f} min.",
         "", *_export_lines(out),
         "", "Accuracy (%) on held-out data. Compositional (likelihood) = the positive caption must out-score every hard "
         "negative (replace attribute / replace relation / swap attributes / swap objects); a category column = the "
