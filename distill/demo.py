@@ -271,7 +271,8 @@ def report(out: Path, results: dict[str, dict], images: dict[str, Path], budget:
 def _recipe(b: Budget, seed: int) -> dict:
     return {"teacher_scenes": b.teacher_scenes, "teacher_steps": b.teacher_steps, "teacher_qa_steps": b.teacher_qa_steps,
             "teacher_lr": b.teacher_lr,
-            "patch_size": b.patch_size, "batch_size": b.batch_size, "seed": seed, "zero_stage": TEACHER_ZERO_STAGE, "version": 3}
+            "patch_size": b.patch_size, "batch_size": b.batch_size, "seed": seed, "zero_stage": TEACHER_ZERO_STAGE,
+            "version": 3}
 
 
 def train_teacher(run: Runner, b: Budget, root: Path, seed: int) -> tuple[Path, Path]:
@@ -299,8 +300,8 @@ def train_teacher(run: Runner, b: Budget, root: Path, seed: int) -> tuple[Path, 
     # gathers cost this loop 1.7x on 2 CPU ranks (same weights to 3e-6 after 60 steps); the student's
     # stages, the product's path, stay ZeRO-3.
     common = ["model.teacher=null", "model.adapter_fetch=false", "model.llm=full", "model.train_vision=true",
-              f"deepspeed.zero_stage={TEACHER_ZERO_STAGE}", "run.save_every=0", f"run.seed={seed}", "run.log_every=25", f"data.batch_size={b.batch_size}",
-              "deepspeed.grad_accum=1", f"deepspeed.lr={b.teacher_lr}"]
+              f"deepspeed.zero_stage={TEACHER_ZERO_STAGE}", "run.save_every=0", f"run.seed={seed}", "run.log_every=25",
+              f"data.batch_size={b.batch_size}", "deepspeed.grad_accum=1", f"deepspeed.lr={b.teacher_lr}"]
     prev = models / "teacher"
     for phase, steps, splits, what in ((1, b.teacher_steps, ("caption",), "captions"),
                                        (2, b.teacher_qa_steps, ("caption", "instruct"), "captions + Q/A")):
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
                          "depth // 4) as a variant kd_attn_L<N>, for each N given (e.g. --attn-layers 2 4)")
     ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                     help="--ablation: train and evaluate only these variants (the others' folders are left as they "
-                         "are; ablation.json covers the variants given)")
+                         "are; ablation.json also keeps every other variant already evaluated on every seed)")
     ap.add_argument("--teacher-dir", default=None,
                     help="where the trained teacher is kept and reused (default OUT/teacher; `make demo` and "
                          "`make ablation` share runs/tiny_teacher)")
