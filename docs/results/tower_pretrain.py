@@ -1,0 +1,103 @@
+"""Pre-train the tiny teacher's SigLIP tower on what each image token shows, before any LM training.
+
+A study script, not the product's path (yet): a linear head on the tower's last encoder layer (the
+features LLaVA feeds its projector, ``vision_feature_layer=-1``) predicts, for every image token,
+the colour and the shape of the object in the grid cell the token lies in ("none" for empty
+cells), on synthetic scenes drawn by ``data_prep.synth``'s own ``make_scene``/``render`` from a
+seed stream of their own (``tower/<i>``), so no training or test scene is reused. Prints held-out
+token accuracies and writes the whole LLaVA folder back with the trained tower.
+
+    python -m distill.models.tiny --out M --patch-size 8 --vision-position-init sincos
+    python docs/results/tower_pretrain.py --model M/teacher --out MT/teacher --steps 3000
+    python docs/results/teacher_explore.py --model MT/teacher --data D --test T --steps 1500
+
+Results of 2026-12-02: ``docs/results/2026-12-02-teacher-position.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="an HF LLaVA folder (e.g. distill.models.tiny's teacher)")
+    ap.add_argument("--out", required=True, help="where to write the folder with the trained tower")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak rate: 20 warm-up steps, then cosine to 0")
+    ap.add_argument("--scenes", type=int, default=4000, help="rendered scenes (the last 500 held out)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from data_prep.synth import COLORS, SHAPES, make_scene, render
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    proc = AutoProcessor.from_pretrained(args.model)
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+    tower, vc = model.model.vision_tower, model.config.vision_config
+    grid = vc.image_size // vc.patch_size
+    colors, shapes = sorted(COLORS), list(SHAPES)
+
+    images, lab_c, lab_s = [], [], []
+    for i in range(args.scenes):
+        rng = random.Random(f"tower/{i}")
+        scene = make_scene(rng)
+        images.append(render(scene, 96, rng))
+        by_cell = {o.cell: o for o in scene}
+        cells = [by_cell.get((int((r + 0.5) * 3 / grid), int((c + 0.5) * 3 / grid)))
+                 for r in range(grid) for c in range(grid)]  # the 3x3 scene cell under each token's centre
+        lab_c.append([colors.index(o.color) + 1 if o else 0 for o in cells])
+        lab_s.append([shapes.index(o.shape) + 1 if o else 0 for o in cells])
+    pv = torch.cat([proc.image_processor(images[i:i + 500], return_tensors="pt")["pixel_values"]
+                    for i in range(0, len(images), 500)])
+    lab_c, lab_s = torch.tensor(lab_c), torch.tensor(lab_s)
+
+    nc = 1 + len(colors)
+    head = torch.nn.Linear(vc.hidden_size, nc + 1 + len(shapes))
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    n_train = args.scenes - 500
+
+    def forward(idx):
+        out = head(tower(pv[idx], output_hidden_states=True).hidden_states[-1])
+        return out[..., :nc], out[..., nc:]
+
+    t0 = time.time()
+    for step in range(args.steps):
+        idx = torch.randint(0, n_train, (args.batch_size,))
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        oc, os_ = forward(idx)
+        loss = (torch.nn.functional.cross_entropy(oc.flatten(0, 1), lab_c[idx].flatten())
+                + torch.nn.functional.cross_entropy(os_.flatten(0, 1), lab_s[idx].flatten()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if (step + 1) % 500 == 0 or step + 1 == args.steps:
+            with torch.no_grad():
+                idx = torch.arange(n_train, args.scenes)
+                oc, os_ = forward(idx)
+                obj = lab_c[idx] > 0
+                colour = (oc.argmax(-1) == lab_c[idx])[obj].float().mean().item()
+                shape = (os_.argmax(-1) == lab_s[idx])[obj].float().mean().item()
+                empty = ((oc.argmax(-1) == 0) == ~obj).float().mean().item()
+            print(f"step {step + 1} loss {loss.item():.3f} held-out object tokens: colour {colour:.3f} shape {shape:.3f}; "
+                  f"empty-vs-object {empty:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    model.save_pretrained(args.out)
+    proc.save_pretrained(args.out)
+
+
+if __name__ == "__main__":
+    main()
