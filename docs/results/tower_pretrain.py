@@ -27,6 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+HELD_OUT = 500
+"""The last scenes, on which the token accuracies are measured."""
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,9 +37,11 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="where to write the folder with the trained tower")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak rate: 20 warm-up steps, then cosine to 0")
-    ap.add_argument("--scenes", type=int, default=4000, help="rendered scenes (the last 500 held out)")
+    ap.add_argument("--scenes", type=int, default=4000, help=f"rendered scenes (the last {HELD_OUT} held out)")
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
+    if args.scenes <= HELD_OUT:
+        ap.error(f"--scenes must exceed the {HELD_OUT} held-out scenes, got {args.scenes}")
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -68,7 +73,7 @@ def main() -> None:
     head = torch.nn.Linear(vc.hidden_size, nc + 1 + len(shapes))
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    n_train = args.scenes - 500
+    n_train = args.scenes - HELD_OUT
 
     def forward(idx):
         out = head(tower(pv[idx], output_hidden_states=True).hidden_states[-1])
