@@ -39,13 +39,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3, help="peak rate: 20 warm-up steps, then cosine to 0")
     ap.add_argument("--scenes", type=int, default=4000, help=f"rendered scenes (the last {HELD_OUT} held out)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--relations", action="store_true",
+                    help="also predict, per object token, whether another object lies left of / right of / above / "
+                         "below it (data_prep.synth's relations)")
     args = ap.parse_args()
     if args.scenes <= HELD_OUT:
         ap.error(f"--scenes must exceed the {HELD_OUT} held-out scenes, got {args.scenes}")
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from data_prep.synth import COLORS, SHAPES, make_scene, render
+    from data_prep.synth import COLORS, RELATIONS, SHAPES, make_scene, render
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -55,7 +58,8 @@ def main() -> None:
     grid = vc.image_size // vc.patch_size
     colors, shapes = sorted(COLORS), list(SHAPES)
 
-    images, lab_c, lab_s = [], [], []
+    rels = list(RELATIONS)
+    images, lab_c, lab_s, lab_r = [], [], [], []
     for i in range(args.scenes):
         rng = random.Random(f"tower/{i}")
         scene = make_scene(rng)
@@ -65,41 +69,49 @@ def main() -> None:
                  for r in range(grid) for c in range(grid)]  # the 3x3 scene cell under each token's centre
         lab_c.append([colors.index(o.color) + 1 if o else 0 for o in cells])
         lab_s.append([shapes.index(o.shape) + 1 if o else 0 for o in cells])
+        lab_r.append([[float(bool(o) and any(RELATIONS[r](x.cell, o.cell) for x in scene if x is not o)) for r in rels]
+                      for o in cells])  # "some object lies <r> this one"
     pv = torch.cat([proc.image_processor(images[i:i + 500], return_tensors="pt")["pixel_values"]
                     for i in range(0, len(images), 500)])
-    lab_c, lab_s = torch.tensor(lab_c), torch.tensor(lab_s)
+    lab_c, lab_s, lab_r = torch.tensor(lab_c), torch.tensor(lab_s), torch.tensor(lab_r)
 
     nc = 1 + len(colors)
-    head = torch.nn.Linear(vc.hidden_size, nc + 1 + len(shapes))
+    ns = 1 + len(shapes)
+    head = torch.nn.Linear(vc.hidden_size, nc + ns + len(rels))
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     n_train = args.scenes - HELD_OUT
 
     def forward(idx):
         out = head(tower(pv[idx], output_hidden_states=True).hidden_states[-1])
-        return out[..., :nc], out[..., nc:]
+        return out[..., :nc], out[..., nc:nc + ns], out[..., nc + ns:]
 
     t0 = time.time()
     for step in range(args.steps):
         idx = torch.randint(0, n_train, (args.batch_size,))
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        oc, os_ = forward(idx)
+        oc, os_, or_ = forward(idx)
         loss = (torch.nn.functional.cross_entropy(oc.flatten(0, 1), lab_c[idx].flatten())
                 + torch.nn.functional.cross_entropy(os_.flatten(0, 1), lab_s[idx].flatten()))
+        if args.relations:
+            obj = lab_c[idx] > 0
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(or_[obj], lab_r[idx][obj])
         loss.backward()
         opt.step()
         opt.zero_grad()
         if (step + 1) % 500 == 0 or step + 1 == args.steps:
             with torch.no_grad():
                 idx = torch.arange(n_train, args.scenes)
-                oc, os_ = forward(idx)
+                oc, os_, or_ = forward(idx)
                 obj = lab_c[idx] > 0
+                relation = ((or_ > 0).float() == lab_r[idx])[obj].all(-1).float().mean().item()
                 colour = (oc.argmax(-1) == lab_c[idx])[obj].float().mean().item()
                 shape = (os_.argmax(-1) == lab_s[idx])[obj].float().mean().item()
                 empty = ((oc.argmax(-1) == 0) == ~obj).float().mean().item()
             print(f"step {step + 1} loss {loss.item():.3f} held-out object tokens: colour {colour:.3f} shape {shape:.3f}; "
-                  f"empty-vs-object {empty:.3f} ({time.time() - t0:.0f}s)", flush=True)
+                  f"empty-vs-object {empty:.3f}" + (f"; relations (all 4 right) {relation:.3f}" if args.relations else "")
+                  + f" ({time.time() - t0:.0f}s)", flush=True)
     model.save_pretrained(args.out)
     proc.save_pretrained(args.out)
 
