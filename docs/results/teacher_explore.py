@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=96, help="held-out compositional samples")
     ap.add_argument("--save", default=None, help="save the model here every --eval-every steps (DIR/sN)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--freeze-tower", action="store_true", help="train the projector and the LLM only")
     args = ap.parse_args()
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -83,7 +84,9 @@ def main() -> None:
     torch.set_num_threads(1)
     proc = AutoProcessor.from_pretrained(args.model)
     model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
-    params = list(model.parameters())  # the whole model, its vision tower included
+    if args.freeze_tower:
+        model.model.vision_tower.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]  # the whole model unless --freeze-tower
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
     def loader(splits: str, seed: int, root: str = args.data, bs: int = args.batch_size, buffer: int = 64):
