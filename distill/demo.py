@@ -52,15 +52,21 @@ class Budget:
     stage3_steps: int
     ablation_steps: int  # the one stage-3 run of each ablation variant
     eval_limit: int | None  # cap on evaluated samples
+    tower_steps: int = 6000  # the teacher's vision tower, pre-trained before any LM step (distill.models.tower_pretrain)
+    tower_scenes: int = 12000  # rendered for it from a seed stream of its own (the last 500 held out)
     teacher_lr: float = 3e-4  # higher rates let the random-init teacher learn the text alone and ignore the image
     patch_size: int = 8  # 48 px / 8 = a 6 x 6 grid: 36 image tokens, an object covers about 2 x 2 of them
     batch_size: int = 8  # per rank and micro-batch (2 ranks)
 
 
-FULL = Budget(teacher_scenes=2000, student_scenes=400, test_scenes=96, teacher_steps=1000, teacher_qa_steps=200,
+FULL = Budget(teacher_scenes=8000, student_scenes=400, test_scenes=96, teacher_steps=1000, teacher_qa_steps=200,
               stage1_steps=40, stage2_steps=60, stage3_steps=120, ablation_steps=400, eval_limit=None)
 QUICK = Budget(teacher_scenes=32, student_scenes=16, test_scenes=8, teacher_steps=4, teacher_qa_steps=2,
-               stage1_steps=2, stage2_steps=2, stage3_steps=3, ablation_steps=2, eval_limit=8, batch_size=2)
+               stage1_steps=2, stage2_steps=2, stage3_steps=3, ablation_steps=2, eval_limit=8, batch_size=2,
+               tower_steps=2, tower_scenes=40)
+DATA_FLAGS = ("--cell-words", "--all-relations")
+"""Every demo data set names each shape's grid cell and states one true relation per ordered pair of
+shapes (``python -m data_prep synth``); the student's data are the first scenes of the teacher's."""
 TEACHER_ZERO_STAGE = 2
 """The teacher's own training (stage 2 without a teacher) runs ZeRO-2; see :func:`train_teacher`."""
 VARIANTS = {"sft": (0.0, 0.0), "kd": (1.0, 0.0), "kd_attn": (1.0, 1.0)}
@@ -114,7 +120,8 @@ class Runner:
     def synth(self, title: str, out: Path, num: int, seed: int, num_test: int, shard_size: int) -> Path:
         """``python -m data_prep synth`` into ``out`` (done once its splits are sharded); returns ``out``."""
         self.step(title, [self.py, "-m", "data_prep", "synth", "--out", str(out), "--num", str(num), "--seed",
-                          str(seed), "--num-test", str(num_test), "--quiet", "--shard-size", str(shard_size)],
+                          str(seed), "--num-test", str(num_test), "--quiet", "--shard-size", str(shard_size),
+                          *DATA_FLAGS],
                   done=out / "compositional" / "shards" / "manifest.json")
         return out
 
@@ -270,14 +277,16 @@ def report(out: Path, results: dict[str, dict], images: dict[str, Path], budget:
 
 def _recipe(b: Budget, seed: int) -> dict:
     return {"teacher_scenes": b.teacher_scenes, "teacher_steps": b.teacher_steps, "teacher_qa_steps": b.teacher_qa_steps,
-            "teacher_lr": b.teacher_lr,
+            "teacher_lr": b.teacher_lr, "tower_steps": b.tower_steps, "tower_scenes": b.tower_scenes,
+            "data_flags": list(DATA_FLAGS),
             "patch_size": b.patch_size, "batch_size": b.batch_size, "seed": seed, "zero_stage": TEACHER_ZERO_STAGE,
-            "version": 3}
+            "version": 4}
 
 
 def train_teacher(run: Runner, b: Budget, root: Path, seed: int) -> tuple[Path, Path]:
-    """The tiny teacher trained on captions and Q/A of ``teacher_scenes`` scenes, its own vision tower
-    included (LM loss, no teacher of its own). Kept in ``root`` with the recipe it was trained with
+    """The tiny teacher: its vision tower pre-trained on what each image token shows, then frozen while
+    the projector and the LLM train on captions and Q/A of ``teacher_scenes`` scenes (LM loss, no
+    teacher of its own). Kept in ``root`` with the recipe it was trained with
     and reused by later runs with the same recipe (another recipe retrains it). Returns (teacher HF
     folder, teacher training data)."""
     recipe = _recipe(b, seed)
@@ -291,23 +300,33 @@ def train_teacher(run: Runner, b: Budget, root: Path, seed: int) -> tuple[Path, 
     data = run.synth("synthetic training data (the teacher's scenes)", root / "data", b.teacher_scenes, seed, 1,
                      max(2, b.teacher_scenes // 16))
     run.step("tiny teacher (random weights)", [run.py, "-m", "distill.models.tiny", "--out", str(models), "--seed",
-                                               str(seed), "--patch-size", str(b.patch_size)],
+                                               str(seed), "--patch-size", str(b.patch_size),
+                                               "--vision-position-init", "sincos"],
              done=models / "teacher" / "config.json")
+    # The tower learns what each image token shows (colour, shape, the scene's relations) before any LM
+    # step, and stays frozen after: a thousand LM steps cannot train a tower from the captions alone
+    # (docs/results/2026-12-02-teacher-position.md). Its own scenes, not the pipeline's.
+    tower = models / "teacher_tower"
+    run.step("vision tower pre-training (what each image token shows; distill.models.tower_pretrain)",
+             [run.py, "-m", "distill.models.tower_pretrain", "--model", str(models / "teacher"), "--out", str(tower),
+              "--steps", str(b.tower_steps), "--scenes", str(b.tower_scenes), "--seed", str(seed),
+              "--held-out", str(min(500, b.tower_scenes // 4))],
+             done=tower / "tower_pretrain.json")
     # Phase 1 on captions alone: a random-init model fed Q/A from the start (or at higher rates) learns the
     # text and learns to ignore the image (measured: held-out loss with shuffled images equal to 1e-5).
     # Phase 2 adds the Q/A once the captions have taught it to look.
     # ZeRO-2 here: a model of a few million parameters needs no parameter sharding, and ZeRO-3's per-module
     # gathers cost this loop 1.7x on 2 CPU ranks (same weights to 3e-6 after 60 steps); the student's
     # stages, the product's path, stay ZeRO-3.
-    common = ["model.teacher=null", "model.adapter_fetch=false", "model.llm=full", "model.train_vision=true",
+    common = ["model.teacher=null", "model.adapter_fetch=false", "model.llm=full", "model.train_vision=false",
               f"deepspeed.zero_stage={TEACHER_ZERO_STAGE}", "run.save_every=0", f"run.seed={seed}", "run.log_every=25",
               f"data.batch_size={b.batch_size}", "deepspeed.grad_accum=1", f"deepspeed.lr={b.teacher_lr}"]
-    prev = models / "teacher"
+    prev = tower
     for phase, steps, splits, what in ((1, b.teacher_steps, ("caption",), "captions"),
                                        (2, b.teacher_qa_steps, ("caption", "instruct"), "captions + Q/A")):
         o = root / f"train{phase}"
         shards = ",".join(str(data / sp / "shards") for sp in splits)
-        run.deepspeed(f"teacher training, phase {phase}: {what}, vision tower included (stage 2 without a teacher)",
+        run.deepspeed(f"teacher training, phase {phase}: {what}, projector and LLM (stage 2 without a teacher)",
                       2, CONFIGS / "tiny_stage2.yaml",
                       common + [f"run.output_dir={o}", f"model.student={prev}", f"run.steps={steps}",
                                 f"deepspeed.warmup_steps={20 if phase == 1 else 0}", f"data.shards=[{shards}]"],

@@ -22,8 +22,9 @@ class _Recorder(demo.Runner):
             done.write_text("{}")
 
     def deepspeed(self, title, stage, config, overrides, done):
-        assert stage == 2 and "model.teacher=null" in overrides and "model.train_vision=true" in overrides
+        assert stage == 2 and "model.teacher=null" in overrides and "model.train_vision=false" in overrides
         assert f"deepspeed.zero_stage={demo.TEACHER_ZERO_STAGE}" in overrides  # the teacher's own training: ZeRO-2
+        self.starts = getattr(self, "starts", []) + [o for o in overrides if o.startswith("model.student=")]
         self.step(title, overrides, done)
 
 
@@ -35,6 +36,11 @@ def test_teacher_reused_by_recipe_retrained_otherwise(tmp_path):
     assert [t.split(",")[0] for t in run.titles if t.startswith("teacher training")] == [
         "teacher training", "teacher training"]  # phase 1 (captions) and phase 2 (captions + Q/A)
     assert json.loads((root / "recipe.json").read_text()) == demo._recipe(demo.QUICK, 0)
+    # the tower is pre-trained before any LM step, and phase 1 starts from that folder
+    tower_steps = [i for i, t in enumerate(run.titles) if t.startswith("vision tower pre-training")]
+    first_lm = next(i for i, t in enumerate(run.titles) if t.startswith("teacher training"))
+    assert len(tower_steps) == 1 and tower_steps[0] < first_lm
+    assert run.starts[0] == f"model.student={root / 'models' / 'teacher_tower'}"
 
     again = _Recorder(tmp_path)
     demo.train_teacher(again, demo.QUICK, root, seed=0)
