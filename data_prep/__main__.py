@@ -57,7 +57,8 @@ def _synth(args: argparse.Namespace) -> int:
         results = make_synthetic(args.out, num=args.num, seed=args.seed, num_test=args.num_test,
                                  size=96 if args.size is None else args.size, shard_size=args.shard_size,
                                  workers=args.workers, progress=not args.quiet, sizes=sizes,
-                                 cell_words=args.cell_words, all_relations=args.all_relations)
+                                 cell_words=args.cell_words, all_relations=args.all_relations,
+                                 choice_questions=args.choice_questions)
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                         "\"Where is\" Q/A")
     s.add_argument("--all-relations", action="store_true",
                    help="captions state one true relation for every ordered pair of shapes, a sentence each")
+    s.add_argument("--choice-questions", action="store_true",
+                   help="instruct gains two-option caption questions (\"Which caption describes the image? A. ... "
+                        "B. ...\" -> A or B), the form of distill.eval compositional --protocol ab")
     s.add_argument("--shard-size", type=int, default=1000)
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--quiet", action="store_true")

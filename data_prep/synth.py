@@ -28,6 +28,13 @@ the same either way.
 pair of shapes, a sentence each ("A red circle above a blue square. A blue square below a red
 circle. ..."), instead of one or two: several times the relation words per caption. The compositional
 split is the same either way.
+
+``choice_questions`` (``--choice-questions``) adds two-option questions to ``instruct``: "Which caption
+describes the image? A. ... B. ... Answer with the letter." -> "A" or "B", a true caption about two of the
+scene's shapes against one hard negative of a random category (built as the compositional split's
+are, from the training scene), the true one first or second at random. It is the question form of
+``distill.eval compositional --protocol ab``: without some such data a model has never seen an A/B
+question and answers one letter whatever the captions. The compositional split is the same either way.
 """
 
 from __future__ import annotations
@@ -161,8 +168,36 @@ def caption_for(scene: list[Obj], rng: random.Random, cell_words: bool = False, 
     return text
 
 
-def _qa(scene: list[Obj], rng: random.Random, cell_words: bool = False) -> tuple[str, str]:
-    kind = rng.choice(("color", "shape", "count", "exists") + (("where",) if cell_words else ()) + ("spatial", "spatial"))
+CHOICE_PROMPT = "Which caption describes the image?\nA. {A}\nB. {B}\nAnswer with the letter."
+"""``--choice-questions``' question: the two-option form ``distill.eval``'s A/B protocol asks."""
+
+
+def hard_negatives(scene: list[Obj], rng: random.Random) -> tuple[str, list[dict]]:
+    """A positive caption about two of ``scene``'s shapes and one hard negative per category
+    (``{"caption", "category"}``), in :data:`NEGATIVE_CATEGORIES`' SugarCrepe sense."""
+    a, b = rng.sample(scene, 2)
+    rel = rng.choice(true_relations(a, b))
+    positive = _phrase(a.color, a.shape, rel, b.color, b.shape)
+    false_rel = rng.choice([r for r in RELATIONS if r not in true_relations(a, b)])
+    other_color = rng.choice([c for c in sorted(COLORS) if c not in {o.color for o in scene}])
+    return positive, [
+        {"caption": _phrase(b.color, a.shape, rel, a.color, b.shape), "category": "swap_att"},
+        {"caption": _phrase(b.color, b.shape, rel, a.color, a.shape), "category": "swap_obj"},
+        {"caption": _phrase(a.color, a.shape, false_rel, b.color, b.shape), "category": "replace_rel"},
+        {"caption": _phrase(other_color, a.shape, rel, b.color, b.shape), "category": "replace_att"},
+    ]
+
+
+def _qa(scene: list[Obj], rng: random.Random, cell_words: bool = False,
+        choice_questions: bool = False) -> tuple[str, str]:
+    kind = rng.choice(("color", "shape", "count", "exists") + (("where",) if cell_words else ()) + ("spatial", "spatial")
+                      + (("choice", "choice") if choice_questions else ()))
+    if kind == "choice":  # the true caption against one hard negative, in a random order
+        positive, negatives = hard_negatives(scene, rng)
+        negative = rng.choice(negatives)["caption"]
+        if rng.random() < 0.5:
+            return CHOICE_PROMPT.format(A=positive, B=negative), "A"
+        return CHOICE_PROMPT.format(A=negative, B=positive), "B"
     o = rng.choice(scene)
     if kind == "where":
         return f"Where is the {o.name}?", f"The {o.name} is {o.where}."
@@ -205,7 +240,7 @@ def image_size_for(split: str, i: int, seed: int, size: int, sizes=None) -> int:
 
 
 def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=None, cell_words: bool = False,
-            all_relations: bool = False) -> dict:
+            all_relations: bool = False, choice_questions: bool = False) -> dict:
     rng = random.Random(f"{seed}/{split}/{i}")
     rid = f"synth-{split}-{i:07d}"
     if split == "instruct" and rng.random() < 0.05:
@@ -225,24 +260,14 @@ def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=Non
         turns = 1 if rng.random() < 0.7 else rng.choice((2, 3))
         conv = []
         for t in range(turns):
-            q, a = _qa(scene, rng, cell_words)
+            q, a = _qa(scene, rng, cell_words, choice_questions)
             if t == 0:
                 q = f"<image>\n{q}" if rng.random() < 0.8 else f"{q}\n<image>"
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
         rec["conversations"] = conv
     else:
-        a, b = rng.sample(scene, 2)
-        rel = rng.choice(true_relations(a, b))
-        positive = _phrase(a.color, a.shape, rel, b.color, b.shape)
-        false_rel = rng.choice([r for r in RELATIONS if r not in true_relations(a, b)])
-        other_color = rng.choice([c for c in sorted(COLORS) if c not in {o.color for o in scene}])
-        rec["positive"] = positive
-        rec["negatives"] = [
-            {"caption": _phrase(b.color, a.shape, rel, a.color, b.shape), "category": "swap_att"},
-            {"caption": _phrase(b.color, b.shape, rel, a.color, a.shape), "category": "swap_obj"},
-            {"caption": _phrase(a.color, a.shape, false_rel, b.color, b.shape), "category": "replace_rel"},
-            {"caption": _phrase(other_color, a.shape, rel, b.color, b.shape), "category": "replace_att"},
-        ]
+        positive, negatives = hard_negatives(scene, rng)
+        rec["positive"], rec["negatives"] = positive, negatives  # this key order: data.json stays byte-identical
         rec["scene"] = [{"color": o.color, "shape": o.shape, "row": o.cell[0], "col": o.cell[1]} for o in scene]
         rec["conversations"] = [
             {"from": "human", "value": f"<image>\n{CAPTION_PROMPTS[0]}"},
@@ -252,12 +277,12 @@ def _record(split: str, i: int, seed: int, size: int, images_dir: str, sizes=Non
 
 
 def write_split_json(out_dir: str, split: str, num: int, seed: int, size: int, sizes=None,
-                     cell_words: bool = False, all_relations: bool = False) -> str:
+                     cell_words: bool = False, all_relations: bool = False, choice_questions: bool = False) -> str:
     """Render ``num`` scenes of ``split`` into ``out_dir/<split>/{images/, data.json}``; return the JSON path.
 
     ``data.json`` is rewritten only when its content changes (so a rerun can resume sharding).
     """
-    return _write_split_json(out_dir, split, num, seed, size, sizes, cell_words, all_relations)[0]
+    return _write_split_json(out_dir, split, num, seed, size, sizes, cell_words, all_relations, choice_questions)[0]
 
 
 RENDER_FILE = "render.json"
@@ -268,14 +293,16 @@ def _render_text(size: int, sizes=None) -> str:
 
 
 def _write_split_json(out_dir: str, split: str, num: int, seed: int, size: int, sizes=None,
-                      cell_words: bool = False, all_relations: bool = False) -> tuple[str, bool]:
+                      cell_words: bool = False, all_relations: bool = False,
+                      choice_questions: bool = False) -> tuple[str, bool]:
     """Also says whether anything the shards hold changed: the records, or the rendering sizes (the images
     change, data.json does not) against ``<split>/render.json``, which the caller rewrites once any stale
     shards are gone (:func:`_write_render`)."""
     split_dir = os.path.join(out_dir, split)
     images_dir = os.path.join(split_dir, "images")
     os.makedirs(images_dir, exist_ok=True)
-    records = [_record(split, i, seed, size, images_dir, sizes, cell_words, all_relations) for i in range(num)]
+    records = [_record(split, i, seed, size, images_dir, sizes, cell_words, all_relations, choice_questions)
+               for i in range(num)]
     text = json.dumps(records, indent=1) + "\n"
     path = os.path.join(split_dir, "data.json")
     render_path = os.path.join(split_dir, RENDER_FILE)
@@ -303,12 +330,14 @@ def _write_render(out_dir: str, split: str, size: int, sizes=None) -> None:
 
 def make_synthetic(out_dir: str, num: int, seed: int = 0, num_test: int | None = None, size: int = 96,
                    shard_size: int = 1000, workers: int = 1, progress: bool = True,
-                   sizes=None, cell_words: bool = False, all_relations: bool = False) -> dict[str, PrepResult]:
+                   sizes=None, cell_words: bool = False, all_relations: bool = False,
+                   choice_questions: bool = False) -> dict[str, PrepResult]:
     """Write all three splits and shard them. Returns ``{split: PrepResult}``.
 
     ``sizes``: render each image at a side drawn (seeded, per image) from this list instead of ``size``.
     ``cell_words``: name each shape's grid cell in the captions' listing and in "Where is" Q/A.
-    ``all_relations``: captions state a relation for every ordered pair of shapes."""
+    ``all_relations``: captions state a relation for every ordered pair of shapes.
+    ``choice_questions``: ``instruct`` gains two-option caption questions (:data:`CHOICE_PROMPT`)."""
     from .shards import PrepError, state_changes
 
     if num < 1:
@@ -324,7 +353,8 @@ def make_synthetic(out_dir: str, num: int, seed: int = 0, num_test: int | None =
     counts = {"caption": num, "instruct": num, "compositional": num_test if num_test is not None else max(1, num // 4)}
     results = {}
     for split in SPLITS:
-        path, changed = _write_split_json(out_dir, split, counts[split], seed, size, sizes, cell_words, all_relations)
+        path, changed = _write_split_json(out_dir, split, counts[split], seed, size, sizes, cell_words, all_relations,
+                                          choice_questions)
         shards = os.path.join(out_dir, split, "shards")
         images = os.path.join(out_dir, split, "images")
         if os.path.isdir(shards) and (changed or state_changes(shards, path, images, shard_size)):

@@ -271,6 +271,46 @@ def test_synth_cell_words_cli_keeps_the_compositional_split(tmp_path):
     assert read("plain", "caption") != cells
 
 
+def test_synth_choice_questions_ask_the_true_caption_against_a_hard_negative(tmp_path):
+    import random
+
+    from data_prep.synth import CHOICE_PROMPT, RELATIONS, hard_negatives
+    from distill.eval.ab import DEFAULT_AB_PROMPT
+
+    assert CHOICE_PROMPT == DEFAULT_AB_PROMPT  # the question distill.eval's A/B protocol asks
+    scene = [Obj("red", "circle", (0, 2)), Obj("blue", "square", (2, 0)), Obj("green", "star", (1, 1))]
+    by_name = {f"{o.color} {o.shape}": o for o in scene}
+
+    def true(caption):
+        rel = next(r for r in RELATIONS if f" {r} " in caption)
+        a, b = (" ".join(part.split()[-2:]) for part in caption.rstrip(".").split(f" {rel} "))
+        return a in by_name and b in by_name and RELATIONS[rel](by_name[a].cell, by_name[b].cell)
+
+    rng = random.Random(0)
+    positive, negatives = hard_negatives(scene, rng)
+    assert true(positive) and [n["category"] for n in negatives] == list(NEGATIVE_CATEGORIES)
+    assert not any(true(n["caption"]) for n in negatives)
+    letters = set()
+    for q, a in (_qa(scene, rng, choice_questions=True) for _ in range(300)):
+        if not q.startswith("Which caption"):
+            continue
+        first, second = (line[3:] for line in q.split("\n")[1:3])
+        assert q == CHOICE_PROMPT.format(A=first, B=second)
+        assert (true(first), true(second)) == ((True, False) if a == "A" else (False, True))
+        letters.add(a)
+    assert letters == {"A", "B"}  # the true caption comes first or second
+    # the CLI: only instruct changes (and only where a choice question was drawn)
+    assert cli(["synth", "--out", str(tmp_path / "plain"), "--num", "40", "--num-test", "4", "--quiet"]) == 0
+    assert cli(["synth", "--out", str(tmp_path / "ab"), "--num", "40", "--num-test", "4", "--quiet",
+                "--choice-questions"]) == 0
+    read = lambda d, split: json.loads((tmp_path / d / split / "data.json").read_text())
+    for split in ("caption", "compositional"):
+        assert read("plain", split) == read("ab", split)
+    asked = [t["value"] for r in read("ab", "instruct") for t in r["conversations"] if "Which caption" in t["value"]]
+    assert asked and not any("Which caption" in t["value"] for r in read("plain", "instruct")
+                             for t in r["conversations"])
+
+
 def test_synth_sizes_mixes_image_sizes(tmp_path, capsys):
     """--sizes draws each image's side from the list (seeded); the records are those of a --size run,
     shards verify, and a rerun with other sizes re-renders and re-shards."""
