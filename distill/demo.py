@@ -59,14 +59,15 @@ class Budget:
     batch_size: int = 8  # per rank and micro-batch (2 ranks)
 
 
-FULL = Budget(teacher_scenes=8000, student_scenes=400, test_scenes=96, teacher_steps=1000, teacher_qa_steps=200,
+FULL = Budget(teacher_scenes=8000, student_scenes=400, test_scenes=96, teacher_steps=1000, teacher_qa_steps=400,
               stage1_steps=40, stage2_steps=60, stage3_steps=120, ablation_steps=400, eval_limit=None)
 QUICK = Budget(teacher_scenes=32, student_scenes=16, test_scenes=8, teacher_steps=4, teacher_qa_steps=2,
                stage1_steps=2, stage2_steps=2, stage3_steps=3, ablation_steps=2, eval_limit=8, batch_size=2,
                tower_steps=2, tower_scenes=40)
-DATA_FLAGS = ("--cell-words", "--all-relations")
-"""Every demo data set names each shape's grid cell and states one true relation per ordered pair of
-shapes (``python -m data_prep synth``); the student's data are the first scenes of the teacher's."""
+DATA_FLAGS = ("--cell-words", "--all-relations", "--choice-questions")
+"""Every demo data set names each shape's grid cell, states one true relation per ordered pair of
+shapes and asks two-option caption questions among its Q/A (``python -m data_prep synth``); the
+student's data are the first scenes of the teacher's."""
 TEACHER_ZERO_STAGE = 2
 """The teacher's own training (stage 2 without a teacher) runs ZeRO-2; see :func:`train_teacher`."""
 VARIANTS = {"sft": (0.0, 0.0), "kd": (1.0, 0.0), "kd_attn": (1.0, 1.0)}
@@ -280,7 +281,7 @@ def _recipe(b: Budget, seed: int) -> dict:
             "teacher_lr": b.teacher_lr, "tower_steps": b.tower_steps, "tower_scenes": b.tower_scenes,
             "data_flags": list(DATA_FLAGS),
             "patch_size": b.patch_size, "batch_size": b.batch_size, "seed": seed, "zero_stage": TEACHER_ZERO_STAGE,
-            "version": 4}
+            "version": 5}
 
 
 def train_teacher(run: Runner, b: Budget, root: Path, seed: int) -> tuple[Path, Path]:
