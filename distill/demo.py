@@ -24,6 +24,7 @@ logit KD + attention alignment) and reports compositional accuracy of each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -54,6 +55,7 @@ class Budget:
     eval_limit: int | None  # cap on evaluated samples
     tower_steps: int = 6000  # the teacher's vision tower, pre-trained before any LM step (distill.models.tower_pretrain)
     tower_scenes: int = 12000  # rendered for it from a seed stream of its own (the last 500 held out)
+    ablation_lr: float = 1e-3  # that run's peak rate
     teacher_lr: float = 3e-4  # higher rates let the random-init teacher learn the text alone and ignore the image
     patch_size: int = 8  # 48 px / 8 = a 6 x 6 grid: 36 image tokens, an object covers about 2 x 2 of them
     batch_size: int = 8  # per rank and micro-batch (2 ranks)
@@ -196,7 +198,7 @@ def ablation_student(run: Runner, b: Budget, teacher: Path, student0: Path, data
                   CONFIGS / "tiny_stage3.yaml",
                   [f"run.output_dir={o}", f"model.student={student0}", f"model.teacher={teacher}", "run.save_every=0",
                    f"run.seed={seed}", f"run.steps={b.ablation_steps}", f"data.batch_size={b.batch_size}",
-                   "deepspeed.grad_accum=1", "deepspeed.lr=1e-3",
+                   "deepspeed.grad_accum=1", f"deepspeed.lr={b.ablation_lr}",
                    f"data.shards=[{data / 'caption' / 'shards'},{data / 'instruct' / 'shards'}]",
                    f"loss.kd_weight={kd}", f"loss.attn_weight={attn}",
                    *([f"loss.num_layers={num_layers}"] if num_layers is not None else [])],
@@ -393,8 +395,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teacher-dir", default=None,
                     help="where the trained teacher is kept and reused (default OUT/teacher; `make demo` and "
                          "`make ablation` share runs/tiny_teacher)")
+    ap.add_argument("--ablation-steps", type=int, default=None,
+                    help=f"--ablation: steps of each variant's stage-3 run (default {FULL.ablation_steps})")
+    ap.add_argument("--ablation-lr", type=float, default=None,
+                    help=f"--ablation: its peak learning rate (default {FULL.ablation_lr:g})")
     ap.add_argument("--fresh", action="store_true", help="delete --out first (the --teacher-dir is kept)")
     args = ap.parse_args(argv)
+    b = QUICK if args.quick else FULL
+    if args.ablation_steps is not None or args.ablation_lr is not None:
+        if not args.ablation:
+            raise SystemExit("--ablation-steps / --ablation-lr apply to --ablation only")
+        if args.ablation_steps is not None and args.ablation_steps < 1:
+            raise SystemExit(f"--ablation-steps must be >= 1, got {args.ablation_steps}")
+        if args.ablation_lr is not None and not args.ablation_lr > 0:
+            raise SystemExit(f"--ablation-lr must be > 0, got {args.ablation_lr}")
+        b = dataclasses.replace(b, ablation_steps=args.ablation_steps or b.ablation_steps,
+                                ablation_lr=args.ablation_lr or b.ablation_lr)
     # the ablation's variants (kd_weight, attn_weight, loss.num_layers), checked before anything runs
     variants = {k: (kd, attn, None) for k, (kd, attn) in ablation_variants(args.attn_weights).items()}
     variants.update({k: (1.0, 1.0, n) for k, n in layer_variants(args.attn_layers).items()})
@@ -408,7 +424,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    b = QUICK if args.quick else FULL
+    if args.ablation:  # finished runs are reused by folder: never mix two budgets in one --out
+        stamp, budget = out / "ablation_budget.json", {"steps": b.ablation_steps, "lr": b.ablation_lr}
+        if stamp.exists() and json.loads(stamp.read_text()) != budget:
+            raise SystemExit(f"{out} holds ablation runs of another budget ({stamp.read_text().strip()}, asked "
+                             f"{json.dumps(budget)}); use another --out or --fresh")
+        stamp.write_text(json.dumps(budget) + "\n")
     run = Runner(out, args.ranks)
     t0 = time.time()
 

@@ -82,3 +82,19 @@ def test_unknown_only_variant_fails_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit, match="unknown variant.*nope.*kd_attn_L2"):
         demo.main(["--ablation", "--attn-layers", "2", "--only", "kd_attn_L2", "nope", "--out", str(out)])
     assert not out.exists()  # nothing created, no teacher trained
+
+
+def test_ablation_budget_flags_checked_before_any_step(tmp_path):
+    with pytest.raises(SystemExit, match="apply to --ablation only"):
+        demo.main(["--out", str(tmp_path / "d"), "--ablation-steps", "10"])
+    with pytest.raises(SystemExit, match="--ablation-lr must be > 0"):
+        demo.main(["--out", str(tmp_path / "d"), "--ablation", "--ablation-lr", "0"])
+    with pytest.raises(SystemExit, match="--ablation-steps must be >= 1"):
+        demo.main(["--out", str(tmp_path / "d"), "--ablation", "--ablation-steps", "0"])
+    # a folder of runs under another budget is refused, not silently reused
+    out = tmp_path / "abl"
+    out.mkdir()
+    (out / "ablation_budget.json").write_text(json.dumps({"steps": 400, "lr": 1e-3}) + "\n")
+    with pytest.raises(SystemExit, match="another budget"):
+        demo.main(["--out", str(out), "--ablation", "--ablation-steps", "800", "--ablation-lr", "3e-4"])
+    assert not (out / "demo.log").exists() and json.loads((out / "ablation_budget.json").read_text())["steps"] == 400
