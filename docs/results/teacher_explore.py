@@ -13,7 +13,9 @@ image is better with the right image; equal accuracies mean the word comes from 
     python -m distill.models.tiny --out M --patch-size 8 --vision-position-init sincos
     python docs/results/teacher_explore.py --model M/teacher --data D --test T --steps 4000
 
-Results of 2026-12-02: ``docs/results/2026-12-02-teacher-position.md``.
+With a pre-trained tower (``python -m distill.models.tower_pretrain --model M/teacher --out MT/teacher``)
+add ``--freeze-tower``. Results: ``docs/results/2026-12-02-teacher-position.md``,
+``docs/results/2026-12-03-teacher-relations.md``.
 """
 
 from __future__ import annotations
