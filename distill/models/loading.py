@@ -157,6 +157,34 @@ def text_hidden_size(path: str | os.PathLike) -> int:
     return int(AutoConfig.from_pretrained(path).get_text_config().hidden_size)
 
 
+def import_model_classes(cfg) -> None:
+    """Import the transformers modules of ``cfg``'s model and of every sub-config's model now.
+
+    Under ZeRO-3, ``from_pretrained`` builds the model inside ``deepspeed.zero.Init``, and a
+    composite model creates its text and vision models from their configs, which imports their
+    modules lazily. A class first defined inside ``zero.Init`` loses every ``__init__`` wrapper
+    applied after its class body: DeepSpeed restores the body's ``__init__`` on exit. With the
+    ``kernels`` package installed (transformers 5.25 requires it), transformers wraps the attention
+    classes' ``__init__`` and ``forward`` (``use_kernelized_func``), so every later model of those
+    classes in the process (a teacher of the student's family, the next run of a test) fails at its
+    first forward: "'LlamaAttention' object has no attribute '_kernel_funcs'". Importing the
+    modules first, outside ``zero.Init``, keeps the classes whole whatever the caller imported.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    seen, todo = set(), [cfg]
+    while todo:
+        c = todo.pop()
+        if c is None or id(c) in seen:
+            continue
+        seen.add(id(c))
+        try:
+            MODEL_MAPPING[type(c)]  # resolving the class imports its module
+        except (KeyError, ValueError):
+            pass  # a config without a base model class (nothing built from it)
+        todo.extend(getattr(c, key, None) for key in getattr(c, "sub_configs", {}) or {})
+
+
 def load_vlm(path: str | os.PathLike, dtype=torch.float32, attn_implementation: str | None = None, role: str = "model"):
     """Load a stock HF VLM folder through transformers' own class (validated first).
 
@@ -174,6 +202,7 @@ def load_vlm(path: str | os.PathLike, dtype=torch.float32, attn_implementation: 
 
     cfg = load_vlm_config(path, role)
     weight_files(path, role)
+    import_model_classes(cfg)
     kwargs = {"dtype": as_torch_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
