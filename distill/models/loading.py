@@ -172,17 +172,14 @@ def import_model_classes(cfg) -> None:
     """
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    seen, todo = set(), [cfg]
-    while todo:
-        c = todo.pop()
-        if c is None or id(c) in seen:
-            continue
-        seen.add(id(c))
-        try:
-            MODEL_MAPPING[type(c)]  # resolving the class imports its module
-        except (KeyError, ValueError):
-            pass  # a config without a base model class (nothing built from it)
-        todo.extend(getattr(c, key, None) for key in getattr(c, "sub_configs", {}) or {})
+    try:
+        MODEL_MAPPING[type(cfg)]  # resolving the class imports its module
+    except (KeyError, ValueError):
+        pass  # a config without a base model class (nothing built from it)
+    for key in getattr(cfg, "sub_configs", None) or {}:  # a tree: text, vision, ... configs
+        sub = getattr(cfg, key, None)
+        if sub is not None:
+            import_model_classes(sub)
 
 
 def load_vlm(path: str | os.PathLike, dtype=torch.float32, attn_implementation: str | None = None, role: str = "model"):

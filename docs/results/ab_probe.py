@@ -11,14 +11,13 @@ import json
 import sys
 
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from distill.eval.ab import letter_token_ids, score_letters
+from distill.eval.common import load_model_and_processor
 
 
 def main(model_dir: str, data_dir: str, n: int = 48) -> None:
-    proc = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    model, proc = load_model_and_processor(model_dir, device="cpu")
     records = json.load(open(f"{data_dir}/data.json"))
     picked = [r for r in records if len(r["conversations"]) == 2
               and r["conversations"][1]["value"] in ("A", "B")][:n]
